@@ -1,0 +1,288 @@
+"""Model folders: diffusers layout in, our Flax checkpoint out, and back to diffusers.
+
+A diffusers folder holds ``model_index.json`` and ``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/`` (and ``scheduler/``). Our checkpoint keeps that layout, with each component's
+weights as ``params.safetensors`` in Flax layout and a marker file ``ip2p_jax.json``, so
+loading it is a memory map, not a conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from ip2p_jax.convert import params_to_state_dict, state_dict_to_params, widen_conv_in
+from ip2p_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from ip2p_jax.models.config import load_json
+from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
+from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
+from ip2p_jax.safetensors_io import find_weights, iter_safetensors, iter_weights, write_safetensors
+
+MARKER = "ip2p_jax.json"
+PARAMS_FILE = "params.safetensors"
+FORMAT_VERSION = 1
+COPIED_FOLDERS = ("tokenizer", "scheduler")
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """How one model component is configured, built, traced and named on disk."""
+
+    name: str
+    config_class: type
+    module_class: type[nn.Module]
+    weights_stem: str  # diffusers / transformers weight file name, without suffix
+    example_inputs: Callable[[Any], tuple]  # config -> inputs that trace ``init``
+    torch_prefix: str = ""  # prefix of exported keys
+
+
+def _unet_inputs(cfg: UNetConfig) -> tuple:
+    side = 2 ** len(cfg.block_out_channels)
+    return (
+        jnp.zeros((1, side, side, cfg.in_channels)),
+        jnp.zeros((1,)),
+        jnp.zeros((1, 1, cfg.cross_attention_dim)),
+    )
+
+
+def _vae_inputs(cfg: VAEConfig) -> tuple:
+    side = 2 ** len(cfg.block_out_channels)
+    return (jnp.zeros((1, side, side, cfg.in_channels)),)
+
+
+def _text_inputs(cfg: CLIPTextConfig) -> tuple:
+    return (jnp.zeros((1, cfg.max_position_embeddings), jnp.int32),)
+
+
+COMPONENTS = {
+    "unet": Component(
+        "unet", UNetConfig, UNet2DConditionModel, "diffusion_pytorch_model", _unet_inputs
+    ),
+    "vae": Component("vae", VAEConfig, AutoencoderKL, "diffusion_pytorch_model", _vae_inputs),
+    # Exported with transformers 4's text_model prefix, which every transformers version loads.
+    "text_encoder": Component(
+        "text_encoder", CLIPTextConfig, CLIPTextModel, "model", _text_inputs, "text_model."
+    ),
+}
+
+
+@dataclasses.dataclass
+class LoadedComponent:
+    """A component's config (ours and the raw JSON, kept for export), module and params."""
+
+    config: Any
+    raw_config: dict[str, Any]
+    module: nn.Module
+    params: dict
+
+
+def abstract_params(component: Component, config: Any) -> dict:
+    """The param tree's shapes and dtypes, traced without allocating any weights."""
+    module = component.module_class(config)
+    inputs = component.example_inputs(config)
+    return jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+
+
+def is_our_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is; a hub id (``org/name``) through huggingface_hub when online."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file; expected a model folder")
+        return path
+    text = str(name_or_path)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as err:
+            raise FileNotFoundError(
+                f"{text} is not a local folder; downloading it needs huggingface_hub"
+            ) from err
+        patterns = ["*.json", "*.txt", "*.safetensors"]
+        return Path(snapshot_download(text, allow_patterns=patterns))
+    raise FileNotFoundError(f"model folder not found: {path}")
+
+
+def load_component(
+    folder: str | os.PathLike, name: str, *, in_channels: int | None = None, dtype=np.float32
+) -> LoadedComponent:
+    """Loads one component from a diffusers folder or our checkpoint.
+
+    ``in_channels`` widens a UNet's conv_in (4 -> 8 for InstructPix2Pix): new channels zero,
+    pretrained weights and bias kept.
+    """
+    component = COMPONENTS[name]
+    root = Path(folder)
+    sub = root / name
+    if not sub.is_dir():
+        raise FileNotFoundError(
+            f"{root} has no {name}/ folder (a model folder needs unet/, vae/, text_encoder/, "
+            "tokenizer/)"
+        )
+    raw = load_json(sub / "config.json")
+    config = component.config_class.from_dict(raw, source=str(sub / "config.json"))
+    widen = name == "unet" and in_channels is not None and in_channels != config.in_channels
+    if widen:
+        loaded_config = config
+        config = dataclasses.replace(config, in_channels=in_channels)
+        raw = {**raw, "in_channels": in_channels}
+    else:
+        loaded_config = config
+    expected = abstract_params(component, loaded_config)
+    if is_our_checkpoint(root):
+        params = _read_flax_params(sub / PARAMS_FILE, expected, dtype)
+    else:
+        files = find_weights(sub, component.weights_stem)
+        params = state_dict_to_params(
+            iter_weights(files), expected, source=str(files[0]), dtype=dtype
+        )
+    if widen:
+        params = widen_conv_in(params, in_channels)
+    return LoadedComponent(config, raw, component.module_class(config), params)
+
+
+def _read_flax_params(path: Path, expected: dict, dtype) -> dict:
+    wanted = flatten_dict(expected)
+    flat = {}
+    for key, array in iter_safetensors(path):
+        flat[tuple(key.split("/"))] = array.astype(dtype, copy=False) if dtype else array
+    missing = sorted("/".join(k) for k in wanted.keys() - flat.keys())
+    extra = sorted("/".join(k) for k in flat.keys() - wanted.keys())
+    wrong = [
+        f"{'/'.join(k)}: {flat[k].shape}, expected {v.shape}"
+        for k, v in wanted.items()
+        if k in flat and flat[k].shape != v.shape
+    ]
+    if missing or extra or wrong:
+        raise ValueError(f"{path}: params do not match the config: missing {missing[:8]}, "
+                         f"unexpected {extra[:8]}, wrong shape {wrong[:8]}")
+    return unflatten_dict(flat)
+
+
+@contextmanager
+def atomic_folder(destination: Path, overwrite: bool) -> Iterator[Path]:
+    """Yields a temporary sibling folder that replaces ``destination`` only once complete."""
+    destination = Path(destination)
+    if destination.exists() and not overwrite:
+        raise FileExistsError(f"{destination} exists; pass overwrite=True (--overwrite) to replace")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
+    try:
+        yield staging
+        if destination.exists():
+            trash = destination.with_name(f".{destination.name}.old")
+            shutil.rmtree(trash, ignore_errors=True)
+            destination.rename(trash)
+            staging.rename(destination)
+            shutil.rmtree(trash)
+        else:
+            staging.rename(destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _copy_side_folders(source: Path, target: Path) -> None:
+    for folder in COPIED_FOLDERS:
+        if (source / folder).is_dir():
+            shutil.copytree(source / folder, target / folder)
+
+
+def _model_index(source: Path, unet_in_channels: int) -> dict[str, Any]:
+    index = load_json(source / "model_index.json") if (source / "model_index.json").is_file() else {}
+    if unet_in_channels == 8:
+        index["_class_name"] = "StableDiffusionInstructPix2PixPipeline"
+    index.setdefault("_class_name", "StableDiffusionPipeline")
+    index.update(
+        unet=["diffusers", "UNet2DConditionModel"],
+        vae=["diffusers", "AutoencoderKL"],
+        text_encoder=["transformers", "CLIPTextModel"],
+        tokenizer=["transformers", "CLIPTokenizer"],
+    )
+    for optional in ("safety_checker", "feature_extractor", "image_encoder"):
+        index.setdefault(optional, [None, None])
+    index.setdefault("requires_safety_checker", False)
+    return index
+
+
+def convert_to_flax(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    in_channels: int | None = None,
+    overwrite: bool = False,
+    components: tuple[str, ...] = tuple(COMPONENTS),
+) -> Path:
+    """A diffusers folder (or hub id) -> our checkpoint, written atomically.
+
+    Components are converted one at a time, each streamed tensor by tensor, so peak memory
+    is about one component's fp32 size.
+    """
+    source = resolve_model(source)
+    destination = Path(destination)
+    unet_channels = None
+    with atomic_folder(destination, overwrite) as staging:
+        for name in components:
+            loaded = load_component(source, name, in_channels=in_channels)
+            flat = {"/".join(k): v for k, v in flatten_dict(loaded.params).items()}
+            write_safetensors(staging / name / PARAMS_FILE, flat, {"format": "flax"})
+            (staging / name / "config.json").write_text(json.dumps(loaded.raw_config, indent=2))
+            if name == "unet":
+                unet_channels = loaded.config.in_channels
+            del loaded, flat
+        _copy_side_folders(source, staging)
+        index = _model_index(source, unet_channels or 4)
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2))
+        marker = {"format": "ip2p-jax", "version": FORMAT_VERSION, "source": str(source),
+                  "components": list(components)}
+        (staging / MARKER).write_text(json.dumps(marker, indent=2))
+    return destination
+
+
+def export_diffusers(
+    source: str | os.PathLike, destination: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
+    """Our checkpoint -> a diffusers folder (safetensors, PyTorch layout), written atomically.
+
+    ``StableDiffusionInstructPix2PixPipeline.from_pretrained(destination)`` loads it.
+    """
+    source = resolve_model(source)
+    destination = Path(destination)
+    unet_channels = 4
+    with atomic_folder(destination, overwrite) as staging:
+        for name, component in COMPONENTS.items():
+            loaded = load_component(source, name, dtype=None)
+            state = params_to_state_dict(loaded.params, component.torch_prefix)
+            weights = staging / name / f"{component.weights_stem}.safetensors"
+            write_safetensors(weights, state, {"format": "pt"})
+            (staging / name / "config.json").write_text(json.dumps(loaded.raw_config, indent=2))
+            if name == "unet":
+                unet_channels = loaded.config.in_channels
+            del loaded, state
+        _copy_side_folders(source, staging)
+        index = _model_index(source, unet_channels)
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2))
+    return destination
+
+
+def flax_params(loaded: LoadedComponent) -> dict:
+    """The params as jax arrays, ready for ``module.apply({"params": ...}, ...)``."""
+    return jax.tree_util.tree_map(jnp.asarray, loaded.params)

@@ -1,0 +1,153 @@
+"""Random-weight Stable Diffusion / InstructPix2Pix folders, saved by the PyTorch classes.
+
+There is no model hub here, so tests, benchmarks and the demo build their own checkpoints in
+the real diffusers layout. Imports torch, diffusers and transformers (the ``torch`` extra)
+inside functions only: the rest of ip2p_jax never needs them.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from ip2p_jax.tokenizer import BUNDLED_DIR
+
+_TINY_UNET = {
+    "sample_size": 16,
+    "in_channels": 8,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 2,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+_TINY_VAE = {
+    "sample_size": 32,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "layers_per_block": 1,
+}
+_TINY_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # SD-1.x in miniature.
+    "tiny": {"unet": _TINY_UNET, "vae": _TINY_VAE, "text_encoder": _TINY_TEXT},
+    # SD-2.x in miniature: linear projections, per-block heads, wider text, gelu, upcasting.
+    "tiny-sd2": {
+        "unet": {
+            **_TINY_UNET,
+            "block_out_channels": [32, 64, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "attention_head_dim": [2, 4, 8],
+            "use_linear_projection": True,
+            "upcast_attention": True,
+            "cross_attention_dim": 48,
+        },
+        "vae": _TINY_VAE,
+        "text_encoder": {**_TINY_TEXT, "hidden_size": 48, "hidden_act": "gelu"},
+    },
+    # The real SD-1.5 architecture (UNet widened to 8 input channels as InstructPix2Pix).
+    "sd15": {
+        "unet": {"in_channels": 8, "cross_attention_dim": 768, "sample_size": 64},
+        "vae": {
+            "block_out_channels": [128, 256, 512, 512],
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "layers_per_block": 2,
+            "latent_channels": 4,
+            "sample_size": 512,
+        },
+        "text_encoder": {
+            "vocab_size": 49408,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 768,
+        },
+    },
+}
+
+SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
+
+def _perturb(module: Any, seed: int) -> None:
+    """Moves norm scales off 1 and biases off 0, so a swapped or dropped one shows in parity."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(module.named_parameters()):
+            if param.ndim == 1:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+def build_components(preset: str = "tiny", seed: int = 0, overrides: dict | None = None):
+    """PyTorch (unet, vae, text_encoder) with random weights for a preset, in eval mode."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    configs = copy.deepcopy(PRESETS[preset])
+    for name, fields in (overrides or {}).items():
+        configs[name].update(fields)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**configs["unet"])
+    vae = AutoencoderKL(**configs["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    for offset, module in enumerate((unet, vae, text_encoder)):
+        _perturb(module, seed + offset)
+        module.eval()
+    return unet, vae, text_encoder
+
+
+def build_pipeline_folder(
+    path: str | Path, preset: str = "tiny", seed: int = 0, overrides: dict | None = None
+) -> Path:
+    """Saves a random-weight ``StableDiffusionInstructPix2PixPipeline`` folder at ``path``."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+    from transformers import CLIPTokenizer
+
+    unet, vae, text_encoder = build_components(preset, seed, overrides)
+    tokenizer = CLIPTokenizer.from_pretrained(str(BUNDLED_DIR))
+    if preset == "tiny-sd2":  # SD-2 pads with "!" (id 0) where SD-1 pads with the EOS token
+        tokenizer.pad_token = "!"
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=EulerAncestralDiscreteScheduler(**SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(path))
+    return Path(path)
