@@ -172,8 +172,10 @@ def _read_flax_params(path: Path, expected: dict, dtype) -> dict:
         if k in flat and flat[k].shape != v.shape
     ]
     if missing or extra or wrong:
-        raise ValueError(f"{path}: params do not match the config: missing {missing[:8]}, "
-                         f"unexpected {extra[:8]}, wrong shape {wrong[:8]}")
+        raise ValueError(
+            f"{path}: params do not match the config: missing {missing[:8]}, "
+            f"unexpected {extra[:8]}, wrong shape {wrong[:8]}"
+        )
     return unflatten_dict(flat)
 
 
@@ -207,7 +209,9 @@ def _copy_side_folders(source: Path, target: Path) -> None:
 
 
 def _model_index(source: Path, unet_in_channels: int) -> dict[str, Any]:
-    index = load_json(source / "model_index.json") if (source / "model_index.json").is_file() else {}
+    index = (
+        load_json(source / "model_index.json") if (source / "model_index.json").is_file() else {}
+    )
     if unet_in_channels == 8:
         index["_class_name"] = "StableDiffusionInstructPix2PixPipeline"
     index.setdefault("_class_name", "StableDiffusionPipeline")
@@ -251,8 +255,12 @@ def convert_to_flax(
         _copy_side_folders(source, staging)
         index = _model_index(source, unet_channels or 4)
         (staging / "model_index.json").write_text(json.dumps(index, indent=2))
-        marker = {"format": "ip2p-jax", "version": FORMAT_VERSION, "source": str(source),
-                  "components": list(components)}
+        marker = {
+            "format": "ip2p-jax",
+            "version": FORMAT_VERSION,
+            "source": str(source),
+            "components": list(components),
+        }
         (staging / MARKER).write_text(json.dumps(marker, indent=2))
     return destination
 

@@ -18,8 +18,16 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 # Module attributes that are lists in the PyTorch models; their index joins the name.
 LIST_CONTAINERS = frozenset(
     {
-        "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
-        "transformer_blocks", "to_out", "net", "layers",
+        "down_blocks",
+        "up_blocks",
+        "resnets",
+        "attentions",
+        "downsamplers",
+        "upsamplers",
+        "transformer_blocks",
+        "to_out",
+        "net",
+        "layers",
     }
 )
 EMBEDDINGS = frozenset({"token_embedding", "position_embedding"})
@@ -139,7 +147,9 @@ def state_dict_to_params(
     if missing or unexpected or misshaped:
         lines = [f"{source}: the checkpoint does not match the model config"]
         for title, items in (
-            ("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", misshaped),
         ):
             if items:
                 more = f", ... ({len(items)} in all)" if len(items) > 12 else ""

@@ -73,7 +73,10 @@ def find_weights(folder: Path, stem: str) -> list[Path]:
     """The weight files of one component: ``stem.safetensors``, its sharded index, or ``.bin``."""
     single = folder / f"{stem}.safetensors"
     index = folder / f"{stem}.safetensors.index.json"
-    legacy = {"diffusion_pytorch_model": "diffusion_pytorch_model.bin", "model": "pytorch_model.bin"}
+    legacy = {
+        "diffusion_pytorch_model": "diffusion_pytorch_model.bin",
+        "model": "pytorch_model.bin",
+    }
     if single.is_file():
         return [single]
     if index.is_file():

@@ -102,7 +102,7 @@ class CLIPTokenizer:
     def __init__(
         self,
         vocab: dict[str, int],
-        merges: Sequence[tuple[str, str]],
+        merges: Sequence[Sequence[str]],
         *,
         bos_token: str = BOS_TOKEN,
         eos_token: str = EOS_TOKEN,

@@ -131,4 +131,62 @@ def test_missing_merges_is_a_clear_error(tmp_path) -> None:
     shutil.copy(BUNDLED_DIR / "vocab.json", tmp_path / "vocab.json")
     with pytest.raises(FileNotFoundError, match="merges.txt") as err:
         CLIPTokenizer.from_folder(tmp_path)
-    assert str(tmp_path) in str(err.value)
+    assert str(tmp_path) in str(err.value) and "tokenizer.json" in str(err.value)
+
+
+TOKENIZER_JSON_TEXTS = ["a photo of a cat", "make it look like a Van Gogh painting!!!", "", LONG]
+
+
+def _save_hf(hf, folder, pad_token: str | None = None):
+    """transformers' save_pretrained of the bundled tokenizer, left with tokenizer.json only.
+
+    transformers 5 writes no vocab.json / merges.txt; they are removed for older versions.
+    """
+    hf = type(hf).from_pretrained(str(BUNDLED_DIR))
+    if pad_token is not None:
+        hf.pad_token = pad_token
+    hf.save_pretrained(str(folder))
+    for name in ("vocab.json", "merges.txt"):
+        (folder / name).unlink(missing_ok=True)
+    return hf
+
+
+@pytest.mark.parametrize("merges_as", ["saved", "strings"])
+def test_reads_tokenizer_json(tmp_path, tok: CLIPTokenizer, hf, merges_as: str) -> None:
+    hf_saved = _save_hf(hf, tmp_path)
+    if merges_as == "strings":  # older `tokenizers` write merges as "a b" strings
+        data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+        data["model"]["merges"] = [
+            m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]
+        ]
+        (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    ours = CLIPTokenizer.from_folder(tmp_path)
+    assert ours.encoder == tok.encoder and ours.bpe_ranks == tok.bpe_ranks
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (49406, 49407, 49407)
+    assert ours.model_max_length == 77
+    for text in TOKENIZER_JSON_TEXTS:
+        assert ours.encode(text) == tok.encode(text) == _hf_ids(hf_saved, text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = ours(TOKENIZER_JSON_TEXTS)
+        np.testing.assert_array_equal(ids, tok(TOKENIZER_JSON_TEXTS))
+    np.testing.assert_array_equal(ids, _hf_padded(hf_saved, TOKENIZER_JSON_TEXTS))
+
+
+def test_reads_tokenizer_json_with_exclamation_pad(tmp_path, hf) -> None:
+    hf_saved = _save_hf(hf, tmp_path, pad_token="!")
+    assert hf_saved.pad_token_id == 0
+    ours = CLIPTokenizer.from_folder(tmp_path)
+    assert ours.pad_token_id == 0 and ours.eos_token_id == 49407
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = ours(TOKENIZER_JSON_TEXTS)
+    assert ids[0].tolist()[:7] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert (ids[0, 7:] == 0).all()
+    np.testing.assert_array_equal(ids, _hf_padded(hf_saved, TOKENIZER_JSON_TEXTS))
+
+
+def test_vocab_json_and_merges_txt_are_preferred(tmp_path, tok: CLIPTokenizer) -> None:
+    shutil.copytree(BUNDLED_DIR, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "tokenizer.json").write_text("{}", encoding="utf-8")  # would fail if read
+    assert CLIPTokenizer.from_folder(tmp_path).encoder == tok.encoder

@@ -114,7 +114,9 @@ class CLIPEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         eps = self.config.layer_norm_eps
-        x = x + CLIPAttention(self.config, name="self_attn")(layer_norm(eps, "layer_norm1")(x), mask)
+        x = x + CLIPAttention(self.config, name="self_attn")(
+            layer_norm(eps, "layer_norm1")(x), mask
+        )
         return x + CLIPMLP(self.config, name="mlp")(layer_norm(eps, "layer_norm2")(x))
 
 
@@ -139,7 +141,9 @@ class CLIPTextEmbeddings(nn.Module):
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         cfg = self.config
         tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="token_embedding")(input_ids)
-        positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embedding")
+        positions = nn.Embed(
+            cfg.max_position_embeddings, cfg.hidden_size, name="position_embedding"
+        )
         return tokens + positions(jnp.arange(input_ids.shape[-1]))[None]
 
 

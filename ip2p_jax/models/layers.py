@@ -45,7 +45,10 @@ def conv(features: int, kernel: int, name: str, stride: int = 1, padding: int | 
     """A torch-style Conv2d: symmetric padding, default ``kernel // 2``."""
     pad = kernel // 2 if padding is None else padding
     return nn.Conv(
-        features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
         name=name,
     )
 

@@ -99,7 +99,11 @@ class MidBlock2D(nn.Module):
         h = ResnetBlock2D(self.channels, self.groups, _EPS, name="resnets_0")(h)
         if self.add_attention:
             h = Attention(
-                1, self.channels, qkv_bias=True, group_norm_groups=self.groups, eps=_EPS,
+                1,
+                self.channels,
+                qkv_bias=True,
+                group_norm_groups=self.groups,
+                eps=_EPS,
                 name="attentions_0",
             )(h)
         return ResnetBlock2D(self.channels, self.groups, _EPS, name="resnets_1")(h)
@@ -137,8 +141,9 @@ class Encoder(nn.Module):
         h = conv2d(channels[0], 3, "conv_in")(x)
         for i, ch in enumerate(channels):
             last = i == len(channels) - 1
-            block = ResampleBlock(ch, cfg.layers_per_block, groups, not last, up=False,
-                                  name=f"down_blocks_{i}")
+            block = ResampleBlock(
+                ch, cfg.layers_per_block, groups, not last, up=False, name=f"down_blocks_{i}"
+            )
             h = block(h)
         h = MidBlock2D(channels[-1], groups, cfg.mid_block_add_attention, name="mid_block")(h)
         h = nn.silu(GroupNorm(groups, _EPS, name="conv_norm_out")(h))
@@ -158,8 +163,9 @@ class Decoder(nn.Module):
         h = MidBlock2D(channels[0], groups, cfg.mid_block_add_attention, name="mid_block")(h)
         for i, ch in enumerate(channels):
             last = i == len(channels) - 1
-            block = ResampleBlock(ch, cfg.layers_per_block + 1, groups, not last, up=True,
-                                  name=f"up_blocks_{i}")
+            block = ResampleBlock(
+                ch, cfg.layers_per_block + 1, groups, not last, up=True, name=f"up_blocks_{i}"
+            )
             h = block(h)
         h = nn.silu(GroupNorm(groups, _EPS, name="conv_norm_out")(h))
         return conv2d(cfg.out_channels, 3, "conv_out")(h)
