@@ -25,12 +25,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from ip2p_jax.convert import params_to_state_dict, state_dict_to_params, widen_conv_in
+from ip2p_jax.convert import (
+    ConversionError,
+    params_to_state_dict,
+    raise_mismatch,
+    state_dict_to_params,
+    widen_conv_in,
+)
 from ip2p_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from ip2p_jax.models.config import load_json
 from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
-from ip2p_jax.safetensors_io import find_weights, iter_safetensors, iter_weights, write_safetensors
+from ip2p_jax.safetensors_io import (
+    WeightsError,
+    find_weights,
+    iter_safetensors,
+    iter_weights,
+    write_safetensors,
+)
 
 MARKER = "ip2p_jax.json"
 PARAMS_FILE = "params.safetensors"
@@ -117,7 +129,12 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
                 f"{text} is not a local folder; downloading it needs huggingface_hub"
             ) from err
         patterns = ["*.json", "*.txt", "*.safetensors"]
-        return Path(snapshot_download(text, allow_patterns=patterns))
+        try:
+            return Path(snapshot_download(text, allow_patterns=patterns))
+        except Exception as err:  # offline, unknown id, gated repo, ...
+            raise FileNotFoundError(
+                f"{text} is not a local folder, and downloading it from the hub failed: {err}"
+            ) from err
     raise FileNotFoundError(f"model folder not found: {path}")
 
 
@@ -129,6 +146,8 @@ def load_component(
     ``in_channels`` widens a UNet's conv_in (4 -> 8 for InstructPix2Pix): new channels zero,
     pretrained weights and bias kept.
     """
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown component {name!r}; choose from {sorted(COMPONENTS)}")
     component = COMPONENTS[name]
     root = Path(folder)
     sub = root / name
@@ -140,6 +159,11 @@ def load_component(
     raw = load_json(sub / "config.json")
     config = component.config_class.from_dict(raw, source=str(sub / "config.json"))
     widen = name == "unet" and in_channels is not None and in_channels != config.in_channels
+    if widen and in_channels < config.in_channels:
+        raise ConversionError(
+            f"{sub / 'config.json'}: in_channels is {config.in_channels}; "
+            f"in_channels={in_channels} would narrow conv_in"
+        )
     if widen:
         loaded_config = config
         config = dataclasses.replace(config, in_channels=in_channels)
@@ -148,6 +172,8 @@ def load_component(
         loaded_config = config
     expected = abstract_params(component, loaded_config)
     if is_our_checkpoint(root):
+        if not (sub / PARAMS_FILE).is_file():
+            raise WeightsError(f"{sub / PARAMS_FILE} is missing ({root} is an ip2p-jax checkpoint)")
         params = _read_flax_params(sub / PARAMS_FILE, expected, dtype)
     else:
         files = find_weights(sub, component.weights_stem)
@@ -164,18 +190,15 @@ def _read_flax_params(path: Path, expected: dict, dtype) -> dict:
     flat = {}
     for key, array in iter_safetensors(path):
         flat[tuple(key.split("/"))] = array.astype(dtype, copy=False) if dtype else array
-    missing = sorted("/".join(k) for k in wanted.keys() - flat.keys())
-    extra = sorted("/".join(k) for k in flat.keys() - wanted.keys())
     wrong = [
         f"{'/'.join(k)}: {flat[k].shape}, expected {v.shape}"
         for k, v in wanted.items()
         if k in flat and flat[k].shape != v.shape
     ]
-    if missing or extra or wrong:
-        raise ValueError(
-            f"{path}: params do not match the config: missing {missing[:8]}, "
-            f"unexpected {extra[:8]}, wrong shape {wrong[:8]}"
-        )
+    missing = sorted("/".join(k) for k in wanted.keys() - flat.keys())
+    raise_mismatch(
+        str(path), missing, sorted("/".join(k) for k in flat.keys() - wanted.keys()), wrong
+    )
     return unflatten_dict(flat)
 
 

@@ -122,7 +122,7 @@ def state_dict_to_params(
     """
     wanted = {path: leaf.shape for path, leaf in flatten_dict(expected).items()}
     converted: dict[Path, np.ndarray] = {}
-    unexpected, misshaped = [], []
+    unexpected, misshaped, misshaped_paths = [], [], set()
     for raw_key, array in tensors:
         key = modernize_key(raw_key)
         if key in IGNORED_KEYS:
@@ -141,22 +141,30 @@ def state_dict_to_params(
         if value.shape != wanted[path]:
             expect = to_torch_layout(np.empty(wanted[path], np.uint8), path[-1]).shape
             misshaped.append(f"{raw_key}: {tuple(array.shape)}, expected {expect}")
+            misshaped_paths.add(path)
             continue
         converted[path] = np.ascontiguousarray(value, dtype=dtype or value.dtype)
-    missing = [torch_key(p) for p in wanted if p not in converted]
-    if missing or unexpected or misshaped:
-        lines = [f"{source}: the checkpoint does not match the model config"]
-        for title, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrong shape", misshaped),
-        ):
-            if items:
-                more = f", ... ({len(items)} in all)" if len(items) > 12 else ""
-                shown = ", ".join(items[:12]) + more
-                lines.append(f"  {title}: {shown}")
-        raise ConversionError("\n".join(lines))
+    missing = [torch_key(p) for p in wanted if p not in converted and p not in misshaped_paths]
+    raise_mismatch(source, missing, unexpected, misshaped)
     return unflatten_dict(converted)
+
+
+def raise_mismatch(
+    source: str, missing: list[str], unexpected: list[str], misshaped: list[str]
+) -> None:
+    """One error listing every missing, unexpected and mis-shaped tensor (if there are any)."""
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"{source}: the checkpoint does not match the model config"]
+    for title, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", misshaped),
+    ):
+        if items:
+            more = f", ... ({len(items)} in all)" if len(items) > 12 else ""
+            lines.append(f"  {title}: {', '.join(items[:12])}{more}")
+    raise ConversionError("\n".join(lines))
 
 
 def params_to_state_dict(params: Mapping, prefix: str = "") -> dict[str, np.ndarray]:

@@ -185,6 +185,9 @@ def run_parity(
         raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
     if unknown := set(components) - set(COMPONENT_NAMES):
         raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENT_NAMES}")
+    for name in components:
+        if not (folder / name / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} has no {name}/config.json (a diffusers folder?)")
     results: list[Comparison] = []
     if "unet" in components:
         results += compare_unet(folder, resolution, batch, seed, tolerance)

@@ -35,18 +35,55 @@ class WeightsError(ValueError):
     """A weight file is missing, unreadable or truncated."""
 
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (name, array) one tensor at a time, so a conversion holds one source tensor."""
-    from safetensors import SafetensorError, safe_open
+def read_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The safetensors header (name -> dtype, shape, offsets) and where the data starts.
 
+    Checks the file is long enough for every tensor, so a truncated download fails here,
+    by name, rather than halfway through a conversion.
+    """
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
     try:
-        with safe_open(str(path), framework="np") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
-    except (SafetensorError, OSError) as err:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8:
+                raise ValueError(f"header length {length} exceeds the file size {size}")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as err:
         raise WeightsError(
             f"{path}: not a readable safetensors file ({err}); is the download truncated?"
         ) from err
+    header.pop("__metadata__", None)
+    data_start = 8 + length
+    needed = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if data_start + needed > size:
+        raise WeightsError(
+            f"{path}: truncated: its header needs {data_start + needed} bytes, the file has "
+            f"{size}; is the download truncated?"
+        )
+    return header, data_start
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (name, array) one tensor at a time, read into fresh buffers (no memory map),
+    so a conversion holds about one source tensor beside what it has converted."""
+    header, data_start = read_header(path)
+    dtypes = {code: dtype for dtype, code in _DTYPES.items()}
+    with open(path, "rb") as handle:
+        for name, info in header.items():
+            if info["dtype"] not in dtypes:
+                raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            array = np.empty(info["shape"], dtypes[info["dtype"]])
+            if array.nbytes != end - begin:
+                raise WeightsError(
+                    f"{path}: tensor {name!r} has {end - begin} bytes for "
+                    f"shape {info['shape']} {info['dtype']}"
+                )
+            handle.seek(data_start + begin)
+            handle.readinto(array.reshape(-1).view(np.uint8).data)
+            yield name, array
 
 
 def iter_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -80,7 +117,10 @@ def find_weights(folder: Path, stem: str) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise WeightsError(f"{index}: not a valid shard index ({err!r})") from err
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise WeightsError(f"{index} lists shards that are missing: {missing}")
