@@ -170,3 +170,21 @@ def test_widened_unet_with_zero_image_latent_equals_the_original(tmp_path):
     np.testing.assert_array_equal(
         pipe.unet.conv_in.bias.detach().numpy(), np.asarray(torch_unet.params["conv_in"]["bias"])
     )
+
+
+def test_sharded_safetensors_and_torch_bin_load_the_same_params(tiny_folder, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    reference = load_component(tiny_folder, "unet").params
+    torch_unet = UNet2DConditionModel.from_pretrained(tiny_folder / "unet")
+    for variant, kwargs in {
+        "sharded": {"max_shard_size": "200KB"},
+        "bin": {"safe_serialization": False},
+    }.items():
+        folder = tmp_path / variant
+        torch_unet.save_pretrained(folder / "unet", **kwargs)
+        files = sorted(p.name for p in (folder / "unet").iterdir())
+        assert any(n.endswith(".index.json") or n.endswith(".bin") for n in files), files
+        params = load_component(folder, "unet").params
+        a, b = dict(_leaves(reference)), dict(_leaves(params))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), variant
