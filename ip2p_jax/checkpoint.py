@@ -48,6 +48,11 @@ MARKER = "ip2p_jax.json"
 PARAMS_FILE = "params.safetensors"
 FORMAT_VERSION = 1
 COPIED_FOLDERS = ("tokenizer", "scheduler")
+PARAM_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(jnp.bfloat16),
+    "float16": np.dtype(np.float16),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +95,14 @@ COMPONENTS = {
         "text_encoder", CLIPTextConfig, CLIPTextModel, "model", _text_inputs, "text_model."
     ),
 }
+
+
+def param_dtype(dtype: str | np.dtype) -> np.dtype:
+    """One of :data:`PARAM_DTYPES`, by name or dtype."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if name not in PARAM_DTYPES:
+        raise ValueError(f"unsupported param dtype {dtype!r}; choose from {sorted(PARAM_DTYPES)}")
+    return PARAM_DTYPES[name]
 
 
 @dataclasses.dataclass
@@ -139,12 +152,17 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_component(
-    folder: str | os.PathLike, name: str, *, in_channels: int | None = None, dtype=np.float32
+    folder: str | os.PathLike,
+    name: str,
+    *,
+    in_channels: int | None = None,
+    dtype: str | np.dtype | None = "float32",
 ) -> LoadedComponent:
     """Loads one component from a diffusers folder or our checkpoint.
 
-    ``in_channels`` widens a UNet's conv_in (4 -> 8 for InstructPix2Pix): new channels zero,
-    pretrained weights and bias kept.
+    ``dtype`` casts the params (``"float32"``, ``"bfloat16"``, ``"float16"``; None keeps
+    the stored dtype). ``in_channels`` widens a UNet's conv_in (4 -> 8 for InstructPix2Pix):
+    new channels zero, pretrained weights and bias kept.
     """
     if name not in COMPONENTS:
         raise ValueError(f"unknown component {name!r}; choose from {sorted(COMPONENTS)}")
@@ -170,6 +188,7 @@ def load_component(
         raw = {**raw, "in_channels": in_channels}
     else:
         loaded_config = config
+    dtype = param_dtype(dtype) if dtype is not None else None
     expected = abstract_params(component, loaded_config)
     if is_our_checkpoint(root):
         if not (sub / PARAMS_FILE).is_file():
@@ -257,8 +276,9 @@ def convert_to_flax(
     in_channels: int | None = None,
     overwrite: bool = False,
     components: tuple[str, ...] = tuple(COMPONENTS),
+    dtype: str = "float32",
 ) -> Path:
-    """A diffusers folder (or hub id) -> our checkpoint, written atomically.
+    """A diffusers folder (or hub id) -> our checkpoint in ``dtype``, written atomically.
 
     Components are converted one at a time, each streamed tensor by tensor, so peak memory
     is about one component's fp32 size.
@@ -268,7 +288,7 @@ def convert_to_flax(
     unet_channels = None
     with atomic_folder(destination, overwrite) as staging:
         for name in components:
-            loaded = load_component(source, name, in_channels=in_channels)
+            loaded = load_component(source, name, in_channels=in_channels, dtype=dtype)
             flat = {"/".join(k): v for k, v in flatten_dict(loaded.params).items()}
             write_safetensors(staging / name / PARAMS_FILE, flat, {"format": "flax"})
             (staging / name / "config.json").write_text(json.dumps(loaded.raw_config, indent=2))

@@ -16,7 +16,11 @@ def _convert(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     out = convert_to_flax(
-        args.model, args.out, in_channels=args.in_channels, overwrite=args.overwrite
+        args.model,
+        args.out,
+        in_channels=args.in_channels,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
     )
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
     return 0
@@ -75,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="widen the UNet's conv_in (8 turns an SD model into an InstructPix2Pix start)",
+    )
+    convert.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the stored params",
     )
     convert.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     convert.set_defaults(run=_convert)

@@ -188,3 +188,15 @@ def test_sharded_safetensors_and_torch_bin_load_the_same_params(tiny_folder, tmp
         params = load_component(folder, "unet").params
         a, b = dict(_leaves(reference)), dict(_leaves(params))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), variant
+
+
+def test_bfloat16_checkpoint_holds_the_rounded_fp32_params(tiny_folder, tmp_path):
+    import jax.numpy as jnp
+
+    checkpoint = convert_to_flax(tiny_folder, tmp_path / "bf16", dtype="bfloat16")
+    full = dict(_leaves(load_component(tiny_folder, "unet").params))
+    half = dict(_leaves(load_component(checkpoint, "unet", dtype=None).params))
+    assert all(v.dtype == jnp.bfloat16 for v in half.values())
+    assert all(np.array_equal(half[k], full[k].astype(jnp.bfloat16)) for k in full)
+    with pytest.raises(ValueError, match="unsupported param dtype 'int8'"):
+        load_component(tiny_folder, "vae", dtype="int8")

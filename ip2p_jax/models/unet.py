@@ -28,6 +28,9 @@ from ip2p_jax.models.layers import (
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+# Stable Diffusion's layout: three cross-attention levels and a plain one at the bottom.
+SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+SD_UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 
 _USED = {
     "sample_size": 64,
@@ -35,8 +38,8 @@ _USED = {
     "out_channels": 4,
     "flip_sin_to_cos": True,
     "freq_shift": 0,
-    "down_block_types": DOWN_BLOCKS[:1] * 3 + DOWN_BLOCKS[1:],
-    "up_block_types": UP_BLOCKS[1:] + UP_BLOCKS[:1] * 3,
+    "down_block_types": SD_DOWN_BLOCKS,
+    "up_block_types": SD_UP_BLOCKS,
     "block_out_channels": (320, 640, 1280, 1280),
     "layers_per_block": 2,
     "downsample_padding": 1,
@@ -92,8 +95,8 @@ class UNetConfig:
     in_channels: int = 4
     out_channels: int = 4
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    down_block_types: tuple[str, ...] = DOWN_BLOCKS[:1] * 3 + DOWN_BLOCKS[1:]
-    up_block_types: tuple[str, ...] = UP_BLOCKS[1:] + UP_BLOCKS[:1] * 3
+    down_block_types: tuple[str, ...] = SD_DOWN_BLOCKS
+    up_block_types: tuple[str, ...] = SD_UP_BLOCKS
     layers_per_block: int = 2
     num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
     transformer_layers_per_block: tuple[int, ...] = (1, 1, 1, 1)
