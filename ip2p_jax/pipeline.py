@@ -1,0 +1,336 @@
+"""EditPipeline: load a model once, then edit batches of images by instruction.
+
+Text encoding, VAE encoding, the sampling loop (with two-condition guidance) and VAE decoding
+are each one jitted function, compiled once per (resolution, batch size, sampler, steps).
+Seeds, scales and instructions are data, so changing them never recompiles. The batch is
+split over the 'data' axis of a device mesh; params are replicated.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from ip2p_jax.checkpoint import LoadedComponent, load_component, resolve_model
+from ip2p_jax.guidance import guided_denoiser
+from ip2p_jax.images import load_image, target_size, to_model_array, to_pil
+from ip2p_jax.models.vae import AutoencoderKL
+from ip2p_jax.samplers import Sampler, get_sampler, initial_noise, sample
+from ip2p_jax.schedules import NoiseSchedule
+from ip2p_jax.tokenizer import CLIPTokenizer
+
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ip2p_jax" / "xla"
+TRACES = {"sample": 0}  # how often the sampling loop was traced (= compiled); tests read it
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
+    """Turns on JAX's persistent compilation cache (default ~/.cache/ip2p_jax/xla), unless
+    the user set one already. ``IP2P_JAX_CACHE=off`` disables it."""
+    if os.environ.get("IP2P_JAX_CACHE") == "off" or jax.config.jax_compilation_cache_dir:
+        return
+    cache = Path(path or os.environ.get("IP2P_JAX_CACHE") or DEFAULT_CACHE)
+    cache.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh named 'data' over the given (default: all) devices."""
+    devices = list(devices or jax.devices())
+    return Mesh(np.array(devices), ("data",))
+
+
+class _Progress:
+    """A step counter fed from inside the jitted loop; silent when stderr is no terminal."""
+
+    current: _Progress | None = None  # the run the jitted loop reports to
+
+    def __init__(self, total: int, enabled: bool | None):
+        self.total, self.done = total, 0
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+
+    def update(self, i) -> None:
+        # Under a mesh the callback can fire once per device: report the furthest step.
+        step = int(i) + 1
+        if self.enabled and step > self.done:
+            self.done = step
+            end = "\n" if step == self.total else ""
+            sys.stderr.write(f"\rsampling: step {step}/{self.total}{end}")
+            sys.stderr.flush()
+
+
+def _report_step(i) -> None:
+    """The host callback compiled into the loop (a fixed function, so it never recompiles)."""
+    if _Progress.current is not None:
+        _Progress.current.update(i)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _sample_latents(
+    unet_module,
+    sampler: Sampler,
+    three_rows: bool,
+    prediction_type: str,
+    progress,
+    unet_params,
+    plan,
+    text,
+    null_text,
+    image_latent,
+    text_scale,
+    image_scale,
+    keys,
+    init_noise,
+    step_noise,
+):
+    TRACES["sample"] += 1
+    denoise = guided_denoiser(
+        lambda x, t, ctx: unet_module.apply({"params": unet_params}, x, t, ctx),
+        text=text,
+        null_text=null_text,
+        image_latent=image_latent,
+        text_scale=text_scale,
+        image_scale=image_scale,
+        three_rows=three_rows,
+    )
+    if init_noise is None:
+        init_noise = initial_noise(keys, image_latent.shape[1:])
+    return sample(
+        sampler,
+        denoise,
+        plan,
+        init_noise,
+        prediction_type=prediction_type,
+        keys=keys,
+        noise=step_noise,
+        on_step=_report_step if progress else None,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text(module, params, ids):
+    return module.apply({"params": params}, ids).last_hidden_state
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_image(module, params, pixels):
+    return module.apply({"params": params}, pixels, method=AutoencoderKL.encode).mode()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(module, params, latents):
+    return module.apply({"params": params}, latents, method=AutoencoderKL.decode)
+
+
+class EditPipeline:
+    """InstructPix2Pix editing with the Flax UNet, VAE and CLIP text encoder."""
+
+    def __init__(
+        self,
+        unet: LoadedComponent,
+        vae: LoadedComponent,
+        text_encoder: LoadedComponent,
+        tokenizer: CLIPTokenizer,
+        schedule: NoiseSchedule,
+        mesh: Mesh | None = None,
+    ):
+        latent = vae.config.latent_channels
+        if unet.config.in_channels != 2 * latent:
+            raise ValueError(
+                f"the UNet takes {unet.config.in_channels} input channels; InstructPix2Pix "
+                f"needs {2 * latent} (noisy + image latent). Convert an SD model with "
+                "`ip2p convert --in-channels 8` and fine-tune it first"
+            )
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.schedule = tokenizer, schedule
+        self.mesh = mesh or data_mesh()
+        replicated = NamedSharding(self.mesh, P())
+        self._params = {
+            name: jax.device_put(component.params, replicated)
+            for name, component in (("unet", unet), ("vae", vae), ("text", text_encoder))
+        }
+        self._null_text: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | os.PathLike, *, dtype: str = "float32", mesh: Mesh | None = None
+    ) -> EditPipeline:
+        """Loads a diffusers folder, a hub id (when online) or an ip2p-jax checkpoint."""
+        folder = resolve_model(model)
+        missing = [
+            c for c in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / c).is_dir()
+        ]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks {', '.join(m + '/' for m in missing)}")
+        enable_compilation_cache()
+        return cls(
+            load_component(folder, "unet", dtype=dtype),
+            load_component(folder, "vae", dtype=dtype),
+            load_component(folder, "text_encoder", dtype=dtype),
+            CLIPTokenizer.from_folder(folder / "tokenizer"),
+            NoiseSchedule.from_folder(folder),
+            mesh,
+        )
+
+    # -- the pieces -------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
+        """CLIP last hidden states [N, 77, D]; overlong prompts are truncated with a warning."""
+        ids = self.tokenizer(list(prompts))
+        return _encode_text(self.text_encoder.module, self._params["text"], jnp.asarray(ids))
+
+    def _shard(self, *arrays):
+        spec = NamedSharding(self.mesh, P("data"))
+        return [None if a is None else jax.device_put(a, spec) for a in arrays]
+
+    def edit_arrays(
+        self,
+        pixels: np.ndarray,
+        instructions: Sequence[str],
+        *,
+        steps: int = 100,
+        text_scale: float | Sequence[float] = 7.5,
+        image_scale: float | Sequence[float] = 1.5,
+        seeds: Sequence[int] | None = None,
+        sampler: str | Sampler = "euler_ancestral",
+        negative_prompt: str | Sequence[str] = "",
+        init_noise: np.ndarray | None = None,
+        step_noise: np.ndarray | None = None,
+        progress: bool | None = None,
+    ) -> np.ndarray:
+        """[B, H, W, 3] in [-1, 1] -> edited [B, H, W, 3] in about [-1, 1].
+
+        ``init_noise`` [B, h, w, 4] and ``step_noise`` [steps, B, h, w, 4] replace the draws
+        from the seeds (parity tests against diffusers' generator).
+        """
+        batch = pixels.shape[0]
+        instructions = list(instructions)
+        negatives = _per_example(negative_prompt, batch, "negative_prompt")
+        s_t = np.asarray(_per_example(text_scale, batch, "text_scale"), np.float32)
+        s_i = np.asarray(_per_example(image_scale, batch, "image_scale"), np.float32)
+        seeds = list(range(batch)) if seeds is None else list(seeds)
+        if len(instructions) != batch or len(seeds) != batch:
+            raise ValueError(
+                f"{batch} images need {batch} instructions and seeds, got "
+                f"{len(instructions)} and {len(seeds)}"
+            )
+        if isinstance(sampler, str):
+            sampler = get_sampler(sampler)
+        plan = {k: jnp.asarray(v) for k, v in sampler.plan(self.schedule, steps).items()}
+
+        devices = self.mesh.devices.size
+        padded = -batch % devices  # the mesh splits the batch evenly: pad, then drop the pad
+        pad = lambda a: None if a is None else np.concatenate([a, np.repeat(a[-1:], padded, 0)])
+        texts = self.encode_prompts(instructions + instructions[-1:] * padded)
+        nulls = self.encode_prompts(negatives + negatives[-1:] * padded)
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + seeds[-1:] * padded, jnp.uint32))
+        if step_noise is not None:
+            step_noise = np.concatenate([step_noise, np.repeat(step_noise[:, -1:], padded, 1)], 1)
+        pixels_d, s_t_d, s_i_d, init_d = self._shard(
+            pad(pixels), pad(s_t), pad(s_i), pad(init_noise)
+        )
+        texts, nulls, keys = self._shard(texts, nulls, keys)
+        image_latent = _encode_image(self.vae.module, self._params["vae"], pixels_d)
+        reporter = _Progress(steps, progress)
+        _Progress.current = reporter
+        latents = _sample_latents(
+            self.unet.module,
+            sampler,
+            bool((s_i != 1.0).any()),
+            self.schedule.prediction_type,
+            reporter.enabled,
+            self._params["unet"],
+            plan,
+            texts,
+            nulls,
+            image_latent,
+            s_t_d,
+            s_i_d,
+            keys,
+            init_d,
+            None if step_noise is None else jnp.asarray(step_noise),
+        )
+        scaled = latents / self.vae.config.scaling_factor
+        images = _decode(self.vae.module, self._params["vae"], scaled)
+        return np.asarray(images)[:batch]
+
+    # -- the user's entry point ------------------------------------------------------------
+
+    def edit(
+        self,
+        images: Image.Image | str | os.PathLike | Sequence[Image.Image | str | os.PathLike],
+        instructions: str | Sequence[str],
+        *,
+        steps: int = 100,
+        text_scale: float | Sequence[float] = 7.5,
+        image_scale: float | Sequence[float] = 1.5,
+        seed: int | Sequence[int] = 0,
+        sampler: str = "euler_ancestral",
+        negative_prompt: str | Sequence[str] = "",
+        resolution: int = 512,
+        multiple_of: int = 8,
+        keep_size: bool = True,
+        progress: bool | None = None,
+    ) -> list[Image.Image]:
+        """Edits images by instruction; returns PIL images (at the inputs' sizes by default).
+
+        Each image is resized so its long side is ``resolution`` and both sides are multiples
+        of ``multiple_of``. A batch may mix instructions, scales and seeds; an int ``seed``
+        gives image k the seed ``seed + k``. Images of different shapes run in groups.
+        """
+        single = isinstance(images, (str, os.PathLike, Image.Image))
+        images = [images] if single else list(images)
+        batch = len(images)
+        instructions = _per_example(instructions, batch, "instructions")
+        for k, text in enumerate(instructions):
+            if not text or not text.strip():
+                raise ValueError(f"instruction {k} is empty; say what to change")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        sampler_obj = get_sampler(sampler)  # unknown names fail here, before any compile
+        seeds = [seed + k for k in range(batch)] if isinstance(seed, int) else list(seed)
+        options = {
+            "text_scale": _per_example(text_scale, batch, "text_scale"),
+            "image_scale": _per_example(image_scale, batch, "image_scale"),
+            "negative_prompt": _per_example(negative_prompt, batch, "negative_prompt"),
+        }
+        if len(seeds) != batch:
+            raise ValueError(f"{batch} images need {batch} seeds, got {len(seeds)}")
+        loaded = [load_image(image) for image in images]
+        sizes = [target_size(*im.size, resolution, multiple_of) for im in loaded]
+        results: list[Image.Image | None] = [None] * batch
+        for size in dict.fromkeys(sizes):  # one group per shape, in first-seen order
+            group = [k for k in range(batch) if sizes[k] == size]
+            pick = lambda values, group=group: [values[k] for k in group]
+            pixels = np.stack([to_model_array(loaded[k], size) for k in group])
+            edited = self.edit_arrays(
+                pixels,
+                pick(instructions),
+                steps=steps,
+                seeds=pick(seeds),
+                sampler=sampler_obj,
+                progress=progress,
+                **{name: pick(v) for name, v in options.items()},
+            )
+            for k, array in zip(group, edited, strict=True):
+                results[k] = to_pil(array, loaded[k].size if keep_size else None)
+        return results  # type: ignore[return-value]
+
+
+def _per_example(value, batch: int, name: str) -> list:
+    """A scalar repeated ``batch`` times, or a sequence that must have ``batch`` entries."""
+    if isinstance(value, (str, int, float)):
+        return [value] * batch
+    values = list(value)
+    if len(values) != batch:
+        raise ValueError(f"{name} has {len(values)} entries for {batch} images")
+    return values
