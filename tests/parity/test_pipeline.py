@@ -34,16 +34,26 @@ def run_both(folder, sampler, image, instructions, steps, text_scale, image_scal
     twin = torch.Generator().manual_seed(2)
     noise = torch.stack([torch.randn(shape, generator=twin) for _ in range(steps)])
     expected = reference(
-        instructions, image=[image] * batch, num_inference_steps=steps,
-        guidance_scale=text_scale, image_guidance_scale=image_scale, latents=latents,
-        generator=torch.Generator().manual_seed(2), output_type="np",
+        instructions,
+        image=[image] * batch,
+        num_inference_steps=steps,
+        guidance_scale=text_scale,
+        image_guidance_scale=image_scale,
+        latents=latents,
+        generator=torch.Generator().manual_seed(2),
+        output_type="np",
     ).images
     del reference
     ours = EditPipeline.from_pretrained(folder)
     pixels = np.stack([np.asarray(image, np.float32) / 127.5 - 1] * batch)
     edited = ours.edit_arrays(
-        pixels, instructions, steps=steps, sampler=sampler, text_scale=text_scale,
-        image_scale=image_scale, init_noise=latents.numpy().transpose(0, 2, 3, 1),
+        pixels,
+        instructions,
+        steps=steps,
+        sampler=sampler,
+        text_scale=text_scale,
+        image_scale=image_scale,
+        init_noise=latents.numpy().transpose(0, 2, 3, 1),
         step_noise=noise.numpy().transpose(0, 1, 3, 4, 2),
     )
     return np.clip(edited / 2 + 0.5, 0, 1), expected

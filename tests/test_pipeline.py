@@ -1,0 +1,148 @@
+"""EditPipeline behaviour: compile hygiene, the two-row shortcut, seeds, sizes, bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from ip2p_jax.guidance import guided_denoiser
+from ip2p_jax.images import ImageError
+from ip2p_jax.pipeline import TRACES, EditPipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_folder):
+    return EditPipeline.from_pretrained(tiny_folder)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    rng = np.random.default_rng(3)
+    return Image.fromarray(rng.integers(0, 256, (40, 56, 3), np.uint8))
+
+
+def test_new_seeds_scales_and_instructions_never_recompile(pipe, scene):
+    kwargs = {"steps": 3, "resolution": 32}
+    first = pipe.edit([scene, scene], ["make it red", "add a hat"], seed=1, **kwargs)
+    before = TRACES["sample"]
+    second = pipe.edit(
+        [scene, scene],
+        ["paint it gold", "remove the sky"],
+        seed=[7, 8],
+        text_scale=[3.0, 9.0],
+        image_scale=[1.2, 2.0],
+        **kwargs,
+    )
+    assert TRACES["sample"] == before
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
+
+
+def test_two_rows_at_image_scale_one_give_the_same_eps(pipe):
+    unet = pipe.unet
+    rng = np.random.default_rng(0)
+    text, null = (jnp.asarray(rng.normal(size=(2, 77, 32)), jnp.float32) for _ in range(2))
+    image_latent = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
+    apply = lambda x, t, c: unet.module.apply({"params": unet.params}, x, t, c)
+    common = dict(
+        text=text,
+        null_text=null,
+        image_latent=image_latent,
+        text_scale=jnp.asarray([7.5, 3.0]),
+        image_scale=jnp.ones(2),
+    )
+    three = guided_denoiser(apply, three_rows=True, **common)(x, jnp.asarray(500.0))
+    two = guided_denoiser(apply, three_rows=False, **common)(x, jnp.asarray(500.0))
+    np.testing.assert_allclose(np.asarray(two), np.asarray(three), atol=2e-6)
+
+
+def test_image_scale_one_edits_equal_the_three_row_result(pipe, scene, monkeypatch):
+    """The whole edit with the u row skipped equals the edit with it computed."""
+    import ip2p_jax.pipeline as pipeline_module
+
+    two = pipe.edit(scene, "make it blue", steps=3, image_scale=1.0, resolution=32)[0]
+    original = pipeline_module._sample_latents
+
+    def forced_three_rows(unet, sampler, three_rows, *rest):
+        return original(unet, sampler, True, *rest)
+
+    monkeypatch.setattr(pipeline_module, "_sample_latents", forced_three_rows)
+    three = pipe.edit(scene, "make it blue", steps=3, image_scale=1.0, resolution=32)[0]
+    difference = np.abs(np.asarray(two, float) - np.asarray(three, float))
+    assert difference.max() <= 1  # at most one uint8 level from float rounding
+    assert difference.mean() < 0.01
+
+
+def test_an_image_depends_on_its_own_seed_only(pipe, scene):
+    other = Image.fromarray(np.full((40, 56, 3), 90, np.uint8))
+    alone = pipe.edit(scene, "make it red", seed=5, steps=3, resolution=32)[0]
+    batched = pipe.edit(
+        [other, scene], ["add snow", "make it red"], seed=[9, 5], steps=3, resolution=32
+    )[1]
+    assert np.array_equal(np.asarray(alone), np.asarray(batched))
+
+
+def test_output_keeps_the_input_size_and_mixed_sizes_run_in_groups(pipe, scene):
+    tall = Image.fromarray(np.zeros((70, 30, 3), np.uint8))
+    out = pipe.edit([scene, tall, scene], ["a", "b", "c"], steps=2, resolution=32)
+    assert [im.size for im in out] == [(56, 40), (30, 70), (56, 40)]
+    native = pipe.edit(scene, "a", steps=2, resolution=32, keep_size=False)[0]
+    assert native.size == (32, 24)  # long side 32, multiples of 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"instructions": ""}, "instruction 0 is empty"),
+        ({"instructions": "   "}, "instruction 0 is empty"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"sampler": "heun"}, "unknown sampler 'heun'"),
+        ({"text_scale": [1.0, 2.0]}, "text_scale has 2 entries for 1 images"),
+        ({"seed": [1, 2]}, "1 images need 1 seeds"),
+    ],
+)
+def test_bad_arguments_fail_before_any_compile(pipe, scene, kwargs, match):
+    before = TRACES["sample"]
+    args = {"instructions": "make it red", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        pipe.edit(scene, args.pop("instructions"), resolution=32, **args)
+    assert TRACES["sample"] == before
+
+
+def test_bad_images_are_clear_errors(pipe, tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(ImageError, match=r"corrupt\.png: not a readable image"):
+        pipe.edit(corrupt, "make it red")
+    with pytest.raises(ImageError, match="image not found"):
+        pipe.edit(tmp_path / "missing.jpg", "make it red")
+    with pytest.raises(ImageError, match="zero size"):
+        pipe.edit(Image.new("RGB", (0, 5)), "make it red")
+
+
+def test_overlong_instruction_is_truncated_with_a_warning(pipe, scene):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.edit(scene, "make it red " * 40, steps=1, resolution=32)
+    assert any("truncated" in str(w.message) for w in caught)
+
+
+def test_a_four_channel_unet_is_refused_with_advice(tmp_path):
+    from ip2p_jax.reference_models import build_pipeline_folder
+
+    folder = build_pipeline_folder(tmp_path / "sd", "tiny", overrides={"unet": {"in_channels": 4}})
+    with pytest.raises(ValueError, match="--in-channels 8"):
+        EditPipeline.from_pretrained(folder)
+
+
+def test_a_folder_without_a_component_is_a_clear_error(tiny_folder, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(tiny_folder, tmp_path / "broken")
+    shutil.rmtree(broken / "tokenizer")
+    with pytest.raises(FileNotFoundError, match="lacks tokenizer/"):
+        EditPipeline.from_pretrained(broken)
