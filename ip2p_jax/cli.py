@@ -1,4 +1,4 @@
-"""The ``ip2p`` command: convert, export, parity, demo."""
+"""The ``ip2p`` command: edit, grid, convert, export, parity, demo."""
 
 from __future__ import annotations
 
@@ -58,6 +58,93 @@ def _parity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_options(args: argparse.Namespace) -> dict:
+    return {
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "resolution": args.resolution,
+        "negative_prompt": args.negative_prompt,
+    }
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from ip2p_jax.manifest import EditJob, read_manifest, run_jobs
+    from ip2p_jax.pipeline import EditPipeline
+
+    if (args.manifest is None) == (args.image is None):
+        raise ValueError("give either --image with --instruction and --out, or --manifest")
+    if args.manifest is not None:
+        if args.out_dir is None:
+            raise ValueError("--manifest needs --out-dir")
+        defaults = {
+            "seed": args.seed,
+            "text_scale": args.text_scale,
+            "image_scale": args.image_scale,
+        }
+        jobs = read_manifest(args.manifest, args.out_dir, defaults)
+    else:
+        if args.instruction is None or args.out is None:
+            raise ValueError("--image needs --instruction and --out")
+        jobs = [
+            EditJob(
+                1,
+                args.image,
+                args.instruction,
+                args.out,
+                args.seed,
+                args.text_scale,
+                args.image_scale,
+            )
+        ]
+    pipe = EditPipeline.from_pretrained(args.model)
+    edited, skipped = run_jobs(
+        pipe, jobs, batch_size=args.batch_size, resume=args.manifest is not None,
+        **_sampling_options(args),
+    )
+    target = args.out_dir if args.manifest is not None else args.out
+    print(f"wrote {edited} edit(s) to {target}" + (f", skipped {skipped} done" if skipped else ""))
+    return 0
+
+
+def _grid(args: argparse.Namespace) -> int:
+    from ip2p_jax.grid import scale_grid
+    from ip2p_jax.images import load_image
+    from ip2p_jax.pipeline import EditPipeline
+
+    image = load_image(args.image)
+    pipe = EditPipeline.from_pretrained(args.model)
+    sheet = scale_grid(
+        pipe,
+        image,
+        args.instruction,
+        args.text_scales,
+        args.image_scales,
+        seed=args.seed,
+        **_sampling_options(args),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(args.out)
+    print(f"wrote {args.out} ({len(args.text_scales)} x {len(args.image_scales)} edits)")
+    return 0
+
+
+def _scales(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder, hub id or checkpoint")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument(
+        "--sampler",
+        default="euler_ancestral",
+        choices=["euler_ancestral", "euler", "ddim", "dpmpp_2m"],
+    )
+    parser.add_argument("--resolution", type=int, default=512, help="long side, pixels")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ip2p_jax.demo import run_demo
 
@@ -113,6 +200,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parity.add_argument("--json", action="store_true", help="machine-readable output")
     parity.set_defaults(run=_parity)
+
+    edit = commands.add_parser("edit", help="edit images by instruction")
+    _add_sampling_arguments(edit)
+    edit.add_argument("--image", type=Path, help="input image")
+    edit.add_argument("--instruction", help="what to change")
+    edit.add_argument("--out", type=Path, help="output image")
+    edit.add_argument("--manifest", type=Path, help="JSON lines: image, instruction, ...")
+    edit.add_argument("--out-dir", type=Path, help="output folder for --manifest")
+    edit.add_argument("--batch-size", type=int, default=4)
+    edit.add_argument("--text-scale", type=float, default=7.5, help="s_T")
+    edit.add_argument("--image-scale", type=float, default=1.5, help="s_I")
+    edit.set_defaults(run=_edit)
+
+    grid = commands.add_parser("grid", help="one edit over a grid of s_T x s_I, as one PNG")
+    _add_sampling_arguments(grid)
+    grid.add_argument("--image", type=Path, required=True)
+    grid.add_argument("--instruction", required=True)
+    grid.add_argument("--out", type=Path, required=True)
+    grid.add_argument("--text-scales", type=_scales, default=[3.0, 5.0, 7.5, 10.0])
+    grid.add_argument("--image-scales", type=_scales, default=[1.0, 1.2, 1.5, 2.0])
+    grid.set_defaults(run=_grid)
 
     demo = commands.add_parser("demo", help="build a random-weight model, convert, check parity")
     demo.add_argument("--out", default="out/demo", help="where the demo writes")

@@ -38,3 +38,108 @@ def test_demo_writes_a_grid_and_passes_parity(tmp_path, capsys):
     assert grid.size == (64 * 2 * 4, 64 * 4)
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "demo_grid.png" in out
+
+
+def _scene(path, color=(200, 40, 40)):
+    Image.new("RGB", (40, 30), color).save(path)
+    return path
+
+
+def test_edit_one_image(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "out" / "edited.png"
+    args = [
+        "edit",
+        "--model",
+        str(tiny_folder),
+        "--image",
+        str(_scene(tmp_path / "in.png")),
+        "--instruction",
+        "make it blue",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--resolution",
+        "32",
+    ]
+    assert main(args) == 0
+    assert Image.open(out).size == (40, 30)
+    assert "wrote 1 edit(s)" in capsys.readouterr().out
+
+
+def test_edit_manifest_streams_and_resumes(tiny_folder, tmp_path, capsys):
+    _scene(tmp_path / "a.png")
+    _scene(tmp_path / "b.png", (10, 200, 10))
+    manifest = tmp_path / "edits.jsonl"
+    manifest.write_text(
+        '{"image": "a.png", "instruction": "make it blue"}\n'
+        '{"image": "b.png", "instruction": "add snow", "seed": 3, "out": "snow.png"}\n'
+        '{"image": "a.png", "instruction": "night", "image_scale": 1.2}\n'
+    )
+    out_dir = tmp_path / "edited"
+    args = [
+        "edit",
+        "--model",
+        str(tiny_folder),
+        "--manifest",
+        str(manifest),
+        "--out-dir",
+        str(out_dir),
+        "--steps",
+        "2",
+        "--resolution",
+        "32",
+        "--batch-size",
+        "2",
+    ]
+    assert main(args) == 0
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert names == ["00001_a.png", "00003_a.png", "snow.png"]
+    first = (out_dir / "snow.png").read_bytes()
+    (out_dir / "00003_a.png").unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "skipped 2 done" in capsys.readouterr().out
+    assert (out_dir / "00003_a.png").is_file()
+    assert (out_dir / "snow.png").read_bytes() == first
+
+
+def test_bad_manifest_line_is_named_before_loading_the_model(tmp_path, capsys):
+    manifest = tmp_path / "edits.jsonl"
+    manifest.write_text('{"image": "a.png", "instruction": "x"}\n{"image": "b.png"}\n')
+    args = [
+        "edit",
+        "--model",
+        str(tmp_path / "no-model"),
+        "--manifest",
+        str(manifest),
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
+    assert main(args) == 2
+    assert "edits.jsonl:2: needs at least" in capsys.readouterr().err
+
+
+def test_grid_renders_every_scale_pair(tiny_folder, tmp_path):
+    out = tmp_path / "grid.png"
+    args = [
+        "grid",
+        "--model",
+        str(tiny_folder),
+        "--image",
+        str(_scene(tmp_path / "in.png")),
+        "--instruction",
+        "make it blue",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--resolution",
+        "32",
+        "--text-scales",
+        "3,7.5",
+        "--image-scales",
+        "1,1.5,2",
+    ]
+    assert main(args) == 0
+    assert Image.open(out).size == (18 + 2 * 40, 18 + 3 * 30)
