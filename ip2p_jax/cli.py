@@ -44,6 +44,7 @@ def _parity(args: argparse.Namespace) -> int:
         batch=args.batch,
         seed=args.seed,
         tolerance=args.tolerance,
+        pipeline=args.pipeline,
     )
     if args.json:
         print(
@@ -98,7 +99,10 @@ def _edit(args: argparse.Namespace) -> int:
         ]
     pipe = EditPipeline.from_pretrained(args.model)
     edited, skipped = run_jobs(
-        pipe, jobs, batch_size=args.batch_size, resume=args.manifest is not None,
+        pipe,
+        jobs,
+        batch_size=args.batch_size,
+        resume=args.manifest is not None,
         **_sampling_options(args),
     )
     target = args.out_dir if args.manifest is not None else args.out
@@ -199,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance", type=float, default=1e-3, help="max abs error allowed per output"
     )
     parity.add_argument("--json", action="store_true", help="machine-readable output")
+    parity.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="also compare whole edits with diffusers' InstructPix2Pix pipeline (3 samplers)",
+    )
     parity.set_defaults(run=_parity)
 
     edit = commands.add_parser("edit", help="edit images by instruction")

@@ -143,3 +143,13 @@ def test_grid_renders_every_scale_pair(tiny_folder, tmp_path):
     ]
     assert main(args) == 0
     assert Image.open(out).size == (18 + 2 * 40, 18 + 3 * 30)
+
+
+def test_parity_pipeline_flag_compares_whole_edits(tiny_folder, capsys):
+    args = ["parity", str(tiny_folder), "--resolution", "32", "--json", "--pipeline",
+            "--components", "vae"]
+    assert main(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    pipeline_rows = [r for r in rows if r["component"] == "pipeline"]
+    assert {r["output"] for r in pipeline_rows} == {"euler_ancestral", "euler", "ddim"}
+    assert all(r["metric"] == "mean" and r["mean_abs_error"] < 1 / 255 for r in pipeline_rows), rows
