@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
@@ -131,6 +132,19 @@ def _decode(module, params, latents):
     return module.apply({"params": params}, latents, method=AutoencoderKL.decode)
 
 
+def _place(component: LoadedComponent, sharding: NamedSharding) -> None:
+    """Moves a component's params onto the devices leaf by leaf, dropping each host array as
+    it goes: peak memory stays near one copy of the weights, not two."""
+    flat = flatten_dict(component.params)
+    component.params = None
+    placed = {}
+    while flat:
+        path, array = flat.popitem()
+        placed[path] = jax.device_put(array, sharding)
+        del array
+    component.params = unflatten_dict(placed)
+
+
 class EditPipeline:
     """InstructPix2Pix editing with the Flax UNet, VAE and CLIP text encoder."""
 
@@ -154,11 +168,8 @@ class EditPipeline:
         self.tokenizer, self.schedule = tokenizer, schedule
         self.mesh = mesh or data_mesh()
         replicated = NamedSharding(self.mesh, P())
-        self._params = {
-            name: jax.device_put(component.params, replicated)
-            for name, component in (("unet", unet), ("vae", vae), ("text", text_encoder))
-        }
-        self._null_text: dict[str, np.ndarray] = {}
+        for component in (unet, vae, text_encoder):
+            _place(component, replicated)
 
     @classmethod
     def from_pretrained(
@@ -186,7 +197,7 @@ class EditPipeline:
     def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
         """CLIP last hidden states [N, 77, D]; overlong prompts are truncated with a warning."""
         ids = self.tokenizer(list(prompts))
-        return _encode_text(self.text_encoder.module, self._params["text"], jnp.asarray(ids))
+        return _encode_text(self.text_encoder.module, self.text_encoder.params, jnp.asarray(ids))
 
     def _shard(self, *arrays):
         spec = NamedSharding(self.mesh, P("data"))
@@ -239,7 +250,7 @@ class EditPipeline:
             pad(pixels), pad(s_t), pad(s_i), pad(init_noise)
         )
         texts, nulls, keys = self._shard(texts, nulls, keys)
-        image_latent = _encode_image(self.vae.module, self._params["vae"], pixels_d)
+        image_latent = _encode_image(self.vae.module, self.vae.params, pixels_d)
         reporter = _Progress(steps, progress)
         _Progress.current = reporter
         latents = _sample_latents(
@@ -248,7 +259,7 @@ class EditPipeline:
             bool((s_i != 1.0).any()),
             self.schedule.prediction_type,
             reporter.enabled,
-            self._params["unet"],
+            self.unet.params,
             plan,
             texts,
             nulls,
@@ -260,7 +271,7 @@ class EditPipeline:
             None if step_noise is None else jnp.asarray(step_noise),
         )
         scaled = latents / self.vae.config.scaling_factor
-        images = _decode(self.vae.module, self._params["vae"], scaled)
+        images = _decode(self.vae.module, self.vae.params, scaled)
         return np.asarray(images)[:batch]
 
     # -- the user's entry point ------------------------------------------------------------

@@ -45,23 +45,23 @@ def _scene(path, color=(200, 40, 40)):
     return path
 
 
+def _quick(command, model, *args):
+    """An edit or grid command line on a tiny model: 2 steps at 32 px."""
+    return [command, "--model", str(model), "--steps", "2", "--resolution", "32", *map(str, args)]
+
+
 def test_edit_one_image(tiny_folder, tmp_path, capsys):
     out = tmp_path / "out" / "edited.png"
-    args = [
+    args = _quick(
         "edit",
-        "--model",
-        str(tiny_folder),
+        tiny_folder,
         "--image",
-        str(_scene(tmp_path / "in.png")),
+        _scene(tmp_path / "in.png"),
         "--instruction",
         "make it blue",
         "--out",
-        str(out),
-        "--steps",
-        "2",
-        "--resolution",
-        "32",
-    ]
+        out,
+    )
     assert main(args) == 0
     assert Image.open(out).size == (40, 30)
     assert "wrote 1 edit(s)" in capsys.readouterr().out
@@ -77,21 +77,9 @@ def test_edit_manifest_streams_and_resumes(tiny_folder, tmp_path, capsys):
         '{"image": "a.png", "instruction": "night", "image_scale": 1.2}\n'
     )
     out_dir = tmp_path / "edited"
-    args = [
-        "edit",
-        "--model",
-        str(tiny_folder),
-        "--manifest",
-        str(manifest),
-        "--out-dir",
-        str(out_dir),
-        "--steps",
-        "2",
-        "--resolution",
-        "32",
-        "--batch-size",
-        "2",
-    ]
+    args = _quick(
+        "edit", tiny_folder, "--manifest", manifest, "--out-dir", out_dir, "--batch-size", "2"
+    )
     assert main(args) == 0
     names = sorted(p.name for p in out_dir.iterdir())
     assert names == ["00001_a.png", "00003_a.png", "snow.png"]
@@ -122,32 +110,35 @@ def test_bad_manifest_line_is_named_before_loading_the_model(tmp_path, capsys):
 
 def test_grid_renders_every_scale_pair(tiny_folder, tmp_path):
     out = tmp_path / "grid.png"
-    args = [
+    args = _quick(
         "grid",
-        "--model",
-        str(tiny_folder),
+        tiny_folder,
         "--image",
-        str(_scene(tmp_path / "in.png")),
+        _scene(tmp_path / "in.png"),
         "--instruction",
         "make it blue",
         "--out",
-        str(out),
-        "--steps",
-        "2",
-        "--resolution",
-        "32",
+        out,
         "--text-scales",
         "3,7.5",
         "--image-scales",
         "1,1.5,2",
-    ]
+    )
     assert main(args) == 0
     assert Image.open(out).size == (18 + 2 * 40, 18 + 3 * 30)
 
 
 def test_parity_pipeline_flag_compares_whole_edits(tiny_folder, capsys):
-    args = ["parity", str(tiny_folder), "--resolution", "32", "--json", "--pipeline",
-            "--components", "vae"]
+    args = [
+        "parity",
+        str(tiny_folder),
+        "--resolution",
+        "32",
+        "--json",
+        "--pipeline",
+        "--components",
+        "vae",
+    ]
     assert main(args) == 0
     rows = json.loads(capsys.readouterr().out)
     pipeline_rows = [r for r in rows if r["component"] == "pipeline"]

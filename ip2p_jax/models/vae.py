@@ -11,7 +11,14 @@ import jax
 import jax.numpy as jnp
 
 from ip2p_jax.models.config import ConfigError, load_json, read_fields
-from ip2p_jax.models.layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+from ip2p_jax.models.layers import (
+    Attention,
+    Conv2d,
+    Downsample2D,
+    GroupNorm,
+    ResnetBlock2D,
+    Upsample2D,
+)
 from ip2p_jax.models.layers import conv as conv2d
 
 _USED = {
@@ -212,8 +219,8 @@ class AutoencoderKL(nn.Module):
         latent = cfg.latent_channels
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv(2 * latent, (1, 1)) if cfg.use_quant_conv else None
-        self.post_quant_conv = nn.Conv(latent, (1, 1)) if cfg.use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * latent, 1) if cfg.use_quant_conv else None
+        self.post_quant_conv = Conv2d(latent, 1) if cfg.use_post_quant_conv else None
 
     def encode(self, images: jax.Array) -> DiagonalGaussian:
         """Images [B,H,W,C] in [-1, 1] -> the latent posterior."""
