@@ -77,6 +77,7 @@ def run_demo(out: Path, preset: str = "tiny") -> int:
     )
     print(format_table(results))
     scene = draw_scene(SIDE[preset])
+    scene.save(out / "scene.png")
     edited = guided_edit(checkpoint, scene, "turn the circle blue")
     grid = Image.new("RGB", (scene.width * 2, scene.height))
     grid.paste(scene, (0, 0))

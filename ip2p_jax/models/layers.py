@@ -41,10 +41,11 @@ def layer_norm(epsilon: float, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name)
 
 
-# Convolutions as one matmul over gathered patches (im2col) when the patches stay under this
-# size: XLA's CPU matmul runs near the machine's peak, its CPU convolution well below it (SD's
-# UNet: 3.8 s instead of 4.8 s at 256 px). Other backends keep their native convolution.
-PATCHES_MAX_BYTES = 256 * 2**20
+# On the CPU, a convolution over at most this many output positions runs as one matmul over
+# gathered patches (im2col): XLA's CPU convolution drops to 30-90 GFLOP/s on SD's 8x8 and 4x4
+# levels where the matmul holds 145-180, while on 32x32 and larger it is the faster of the
+# two (scripts/bench_conv.py measures both). Other backends keep their native convolution.
+PATCHES_MAX_POSITIONS = 256
 
 
 class Conv2d(nn.Module):
@@ -63,11 +64,11 @@ class Conv2d(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
         kernel = kernel.astype(x.dtype)
-        batch, height, width, channels = x.shape
+        height, width = x.shape[1:3]
         out_h = (height + 2 * pad - size) // stride + 1
         out_w = (width + 2 * pad - size) // stride + 1
-        patch_bytes = batch * out_h * out_w * size * size * channels * x.dtype.itemsize
-        if jax.default_backend() != "cpu" or patch_bytes > PATCHES_MAX_BYTES:
+        as_matmul = (size == 1 and stride == 1) or out_h * out_w <= PATCHES_MAX_POSITIONS
+        if jax.default_backend() != "cpu" or not as_matmul:
             out = jax.lax.conv_general_dilated(
                 x,
                 kernel,
