@@ -146,3 +146,11 @@ def test_a_folder_without_a_component_is_a_clear_error(tiny_folder, tmp_path):
     shutil.rmtree(broken / "tokenizer")
     with pytest.raises(FileNotFoundError, match="lacks tokenizer/"):
         EditPipeline.from_pretrained(broken)
+
+
+def test_progress_reports_every_step_from_inside_the_loop(pipe, scene, capsys):
+    pipe.edit(scene, "make it red", steps=3, resolution=32, progress=True)
+    err = capsys.readouterr().err
+    assert "sampling: step 3/3" in err and "step 1/3" in err
+    pipe.edit(scene, "make it red", steps=3, resolution=32, progress=False)
+    assert "sampling" not in capsys.readouterr().err
