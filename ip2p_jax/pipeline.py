@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from ip2p_jax import memory
 from ip2p_jax.checkpoint import LoadedComponent, load_component, resolve_model
 from ip2p_jax.guidance import guided_denoiser
 from ip2p_jax.images import load_image, target_size, to_model_array, to_pil
@@ -183,6 +184,7 @@ class EditPipeline:
         if missing:
             raise FileNotFoundError(f"{folder} lacks {', '.join(m + '/' for m in missing)}")
         enable_compilation_cache()
+        memory.release_large_blocks()  # until the first edit has compiled (see memory.py)
         return cls(
             load_component(folder, "unet", dtype=dtype),
             load_component(folder, "vae", dtype=dtype),
@@ -271,8 +273,9 @@ class EditPipeline:
             None if step_noise is None else jnp.asarray(step_noise),
         )
         scaled = latents / self.vae.config.scaling_factor
-        images = _decode(self.vae.module, self.vae.params, scaled)
-        return np.asarray(images)[:batch]
+        images = np.asarray(_decode(self.vae.module, self.vae.params, scaled))[:batch]
+        memory.keep_blocks_for_reuse()
+        return images
 
     # -- the user's entry point ------------------------------------------------------------
 
