@@ -23,28 +23,14 @@ import json
 import zipfile
 from pathlib import Path
 
+from ip2p_jax.tokenizer import BOS_TOKEN as BOS
+from ip2p_jax.tokenizer import EOS_TOKEN as EOS
+from ip2p_jax.tokenizer import bytes_to_unicode
+
 BPE_MD5 = "933b7abbbbde62c36f02f0e6ccde464f"
 WHEEL_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # 48,894 merges, as OpenAI's and HF's CLIP tokenizers read them
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "ip2p_jax" / "assets" / "clip_tokenizer"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """OpenAI's reversible map from the 256 byte values to printable unicode characters."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def read_bpe_gz(path: Path) -> bytes:
