@@ -3,7 +3,6 @@ model-friendly size, and the [-1, 1] arrays the VAE takes."""
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
@@ -87,7 +86,3 @@ def to_pil(array: np.ndarray, size: tuple[int, int] | None = None) -> Image.Imag
     if size is not None and image.size != tuple(size):
         image = image.resize(tuple(size), Image.LANCZOS)
     return image
-
-
-def is_multiple(size: tuple[int, int], multiple: int) -> bool:
-    return all(side % multiple == 0 for side in size) and math.prod(size) > 0

@@ -37,7 +37,6 @@ class Sampler:
     """Base: subclasses define ``plan`` and ``step``; ``stochastic`` samplers draw noise."""
 
     stochastic = False
-    order_state = False  # whether ``step`` carries the previous x0 (multistep solvers)
 
     def plan(self, schedule: NoiseSchedule, steps: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -153,8 +152,6 @@ class DDIM(Sampler):
 @dataclasses.dataclass(frozen=True)
 class DPMSolverPP2M(Sampler):
     """diffusers DPMSolverMultistepScheduler: dpmsolver++, order 2, midpoint, final sigma 0."""
-
-    order_state = True
 
     def plan(self, schedule, steps):
         spacing = schedule.option("timestep_spacing", "linspace")
