@@ -182,14 +182,8 @@ def load_component(
             f"{sub / 'config.json'}: in_channels is {config.in_channels}; "
             f"in_channels={in_channels} would narrow conv_in"
         )
-    if widen:
-        loaded_config = config
-        config = dataclasses.replace(config, in_channels=in_channels)
-        raw = {**raw, "in_channels": in_channels}
-    else:
-        loaded_config = config
     dtype = param_dtype(dtype) if dtype is not None else None
-    expected = abstract_params(component, loaded_config)
+    expected = abstract_params(component, config)  # the stored weights' shapes
     if is_our_checkpoint(root):
         if not (sub / PARAMS_FILE).is_file():
             raise WeightsError(f"{sub / PARAMS_FILE} is missing ({root} is an ip2p-jax checkpoint)")
@@ -201,6 +195,8 @@ def load_component(
         )
     if widen:
         params = widen_conv_in(params, in_channels)
+        config = dataclasses.replace(config, in_channels=in_channels)
+        raw = {**raw, "in_channels": in_channels}
     return LoadedComponent(config, raw, component.module_class(config), params)
 
 

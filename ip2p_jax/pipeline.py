@@ -243,8 +243,11 @@ class EditPipeline:
         devices = self.mesh.devices.size
         padded = -batch % devices  # the mesh splits the batch evenly: pad, then drop the pad
         pad = lambda a: None if a is None else np.concatenate([a, np.repeat(a[-1:], padded, 0)])
-        texts = self.encode_prompts(instructions + instructions[-1:] * padded)
-        nulls = self.encode_prompts(negatives + negatives[-1:] * padded)
+        # One text-encoder call for the instructions and the null (negative) prompts.
+        states = self.encode_prompts(
+            instructions + instructions[-1:] * padded + negatives + negatives[-1:] * padded
+        )
+        texts, nulls = jnp.split(states, 2)
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + seeds[-1:] * padded, jnp.uint32))
         if step_noise is not None:
             step_noise = np.concatenate([step_noise, np.repeat(step_noise[:, -1:], padded, 1)], 1)

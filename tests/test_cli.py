@@ -50,19 +50,17 @@ def _quick(command, model, *args):
     return [command, "--model", str(model), "--steps", "2", "--resolution", "32", *map(str, args)]
 
 
+def _one_image(command, model, tmp_path, out, *args):
+    """``command`` on a drawn scene with the instruction "make it blue", written to ``out``."""
+    scene = _scene(tmp_path / "in.png")
+    return _quick(
+        command, model, "--image", scene, "--instruction", "make it blue", "--out", out, *args
+    )
+
+
 def test_edit_one_image(tiny_folder, tmp_path, capsys):
     out = tmp_path / "out" / "edited.png"
-    args = _quick(
-        "edit",
-        tiny_folder,
-        "--image",
-        _scene(tmp_path / "in.png"),
-        "--instruction",
-        "make it blue",
-        "--out",
-        out,
-    )
-    assert main(args) == 0
+    assert main(_one_image("edit", tiny_folder, tmp_path, out)) == 0
     assert Image.open(out).size == (40, 30)
     assert "wrote 1 edit(s)" in capsys.readouterr().out
 
@@ -110,19 +108,8 @@ def test_bad_manifest_line_is_named_before_loading_the_model(tmp_path, capsys):
 
 def test_grid_renders_every_scale_pair(tiny_folder, tmp_path):
     out = tmp_path / "grid.png"
-    args = _quick(
-        "grid",
-        tiny_folder,
-        "--image",
-        _scene(tmp_path / "in.png"),
-        "--instruction",
-        "make it blue",
-        "--out",
-        out,
-        "--text-scales",
-        "3,7.5",
-        "--image-scales",
-        "1,1.5,2",
+    args = _one_image(
+        "grid", tiny_folder, tmp_path, out, "--text-scales", "3,7.5", "--image-scales", "1,1.5,2"
     )
     assert main(args) == 0
     assert Image.open(out).size == (18 + 2 * 40, 18 + 3 * 30)
