@@ -3,6 +3,7 @@ model-friendly size, and the [-1, 1] arrays the VAE takes."""
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -86,3 +87,16 @@ def to_pil(array: np.ndarray, size: tuple[int, int] | None = None) -> Image.Imag
     if size is not None and image.size != tuple(size):
         image = image.resize(tuple(size), Image.LANCZOS)
     return image
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 RGB array (lossless, so decoding gives the same pixels)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """Inverse of encode_png (any encoded image, in fact): (H, W, 3) uint8."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))

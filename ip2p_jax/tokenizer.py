@@ -127,6 +127,17 @@ class CLIPTokenizer:
         self._specials = {BOS_TOKEN, EOS_TOKEN}
         self._bpe = functools.lru_cache(maxsize=2**16)(self._bpe_uncached)
 
+    def __getstate__(self) -> dict:
+        # The BPE cache is a bound lru_cache, which pickle refuses: worker processes (grain's
+        # data loader) get the tables and build their own cache.
+        state = dict(self.__dict__)
+        del state["_bpe"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._bpe = functools.lru_cache(maxsize=2**16)(self._bpe_uncached)
+
     @classmethod
     def from_folder(cls, path: str | Path) -> CLIPTokenizer:
         """Load an HF tokenizer folder: vocab.json + merges.txt (or tokenizer.json) and configs."""

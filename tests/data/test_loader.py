@@ -1,0 +1,148 @@
+"""The grain input pipeline: deterministic order, exact resume, process shards, paired
+augmentation, bad data skipped and counted, worker processes."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ip2p_jax.data.augment import Augmentation
+from ip2p_jax.data.edit_pairs import EditPairSource, write_dataset
+from ip2p_jax.data.loader import EditPairLoader, InputConfig
+from ip2p_jax.data.schema import make_example
+from ip2p_jax.images import decode_png, encode_png
+from ip2p_jax.tokenizer import CLIPTokenizer
+from tests.data.conftest import random_pair
+
+SMALL = Augmentation(crop=32, min_resize=32, max_resize=44, flip_prob=0.5)
+
+
+def _loader(dataset, split="train", *, shard=(0, 1), tokenizer=None, **config):
+    config = {"batch_size": 4, "augmentation": SMALL, "seed": 7, **config}
+    return EditPairLoader(
+        EditPairSource(dataset, split),
+        InputConfig(**config),
+        tokenizer=tokenizer,
+        shard_index=shard[0],
+        shard_count=shard[1],
+    )
+
+
+def _keys(batches) -> list[list[str]]:
+    return [batch["key"].tolist() for batch in batches]
+
+
+def test_batches_are_numpy_ready_for_placement(pairs_dataset):
+    tokenizer = CLIPTokenizer.bundled()
+    batch = next(iter(_loader(pairs_dataset, tokenizer=tokenizer)))
+    assert batch["input_image"].shape == batch["edited_image"].shape == (4, 32, 32, 3)
+    assert batch["input_image"].dtype == np.uint8
+    assert batch["input_ids"].shape == (4, 77) and batch["input_ids"].dtype == np.int32
+    for ids, text in zip(batch["input_ids"], batch["instruction"], strict=True):
+        assert np.array_equal(ids, tokenizer([str(text)])[0])
+
+
+def test_same_seed_same_order_other_seed_other_order(pairs_dataset):
+    first = _keys(itertools.islice(iter(_loader(pairs_dataset)), 9))
+    again = _keys(itertools.islice(iter(_loader(pairs_dataset)), 9))
+    other = _keys(itertools.islice(iter(_loader(pairs_dataset, seed=8)), 9))
+    assert first == again and first != other
+    epoch = sorted(key for batch in first for key in batch)
+    assert epoch == [f"ex/{i:04d}" for i in range(36)]  # one epoch = 9 batches of 4
+
+
+def test_resume_mid_epoch_gives_exactly_the_remaining_batches(pairs_dataset):
+    def run(loader):
+        return [(b["key"].tolist(), b["input_image"], b["edited_image"]) for b in loader]
+
+    whole = run(_loader(pairs_dataset, num_epochs=2))
+    batches = iter(_loader(pairs_dataset, num_epochs=2))
+    for _ in range(5):
+        next(batches)
+    state = batches.get_state()
+    resumed = iter(_loader(pairs_dataset, num_epochs=2))
+    resumed.set_state(state)
+    rest = run(resumed)
+    assert len(whole) == 18 and len(rest) == 13 and resumed.batches == 18
+    for (keys, before, after), (keys2, before2, after2) in zip(whole[5:], rest, strict=True):
+        assert keys == keys2
+        assert np.array_equal(before, before2) and np.array_equal(after, after2)
+
+
+def test_process_shards_are_disjoint_and_cover_the_data(pairs_dataset):
+    shards = []
+    for index in range(3):
+        loader = _loader(pairs_dataset, shard=(index, 3), batch_size=6, num_epochs=1)
+        assert loader.local_batch_size == 2
+        shards.append({key for batch in _keys(loader) for key in batch})
+    assert all(len(shard) == 12 for shard in shards)
+    assert not (shards[0] & shards[1] or shards[0] & shards[2] or shards[1] & shards[2])
+    assert set().union(*shards) == {f"ex/{i:04d}" for i in range(36)}
+    with pytest.raises(ValueError, match="batch_size 4 does not split over 3 processes"):
+        _loader(pairs_dataset, shard=(0, 3))
+
+
+def test_augmentation_is_the_same_on_both_images(pairs_dataset):
+    """Each edit reverses the channels, which commutes with resize, crop and flip: any
+    difference in the crop, flip or size between the two images breaks the equality."""
+    flips = 0
+    for batch in itertools.islice(iter(_loader(pairs_dataset)), 9):
+        assert np.array_equal(batch["edited_image"], batch["input_image"][..., ::-1])
+    # Without resizing, a crop of the full image is the image itself or its mirror.
+    exact = Augmentation(crop=40, min_resize=40, max_resize=40, flip_prob=0.5)
+    source = EditPairSource(pairs_dataset, "train")
+    for batch in iter(_loader(pairs_dataset, augmentation=exact, num_epochs=1)):
+        for key, image in zip(batch["key"], batch["input_image"], strict=True):
+            index = int(str(key).split("/")[1])
+            before = decode_png(source[index]["input_image"])
+            assert before.shape == (40, 48, 3)
+            matches = [np.array_equal(image, before[:, left : left + 40]) for left in range(9)]
+            mirrored = [
+                np.array_equal(image, before[:, left : left + 40][:, ::-1]) for left in range(9)
+            ]
+            assert any(matches) or any(mirrored)
+            flips += any(mirrored) and not any(matches)
+    assert 5 < flips < 31  # about half of 36 at flip_prob 0.5
+
+
+def test_bad_examples_are_skipped_counted_and_warned(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def examples():
+        for i in range(12):
+            before, after = random_pair(rng, 40, 40)
+            input_image, edited_image = encode_png(before), encode_png(after)
+            if i in (2, 7):  # a PNG header and then garbage
+                edited_image = edited_image[:8] + b"\x00garbage" * 10
+            if i == 5:  # sizes that differ
+                edited_image = encode_png(after[:30])
+            yield make_example(input_image, edited_image, f"edit {i}", key=f"k{i}")
+
+    write_dataset(tmp_path, {"train": examples()})
+    loader = _loader(tmp_path, num_epochs=1, batch_size=3, shuffle=False)
+    batches = iter(loader)
+    with pytest.warns(UserWarning, match=r"skipping bad examples \(corrupt_image\); first: k2"):
+        keys = _keys(batches)
+    assert keys == [["k0", "k1", "k3"], ["k4", "k6", "k8"], ["k9", "k10", "k11"]]
+    assert batches.skipped == {"corrupt_image": 2, "size_mismatch": 1}
+    assert batches.get_state()["skipped"] == {"corrupt_image": 2, "size_mismatch": 1}
+
+
+def test_worker_processes_give_the_same_batches(pairs_dataset):
+    in_process = list(itertools.islice(iter(_loader(pairs_dataset)), 4))
+    batches = iter(_loader(pairs_dataset, worker_count=2))
+    with_workers = [next(batches) for _ in range(2)]
+    state = batches.get_state()
+    resumed = iter(_loader(pairs_dataset, worker_count=2))
+    resumed.set_state(state)
+    with_workers += [next(resumed) for _ in range(2)]
+    for a, b in zip(in_process, with_workers, strict=True):
+        assert a["key"].tolist() == b["key"].tolist()
+        assert np.array_equal(a["input_image"], b["input_image"])
+
+
+def test_augmentation_rejects_impossible_sizes():
+    with pytest.raises(ValueError, match="crop <= min_resize"):
+        Augmentation(crop=64, min_resize=32, max_resize=32)
