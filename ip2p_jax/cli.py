@@ -1,4 +1,4 @@
-"""The ``ip2p`` command: edit, grid, convert, export, parity, demo."""
+"""The ``ip2p`` command: edit, grid, convert, export, parity, datagen, demo."""
 
 from __future__ import annotations
 
@@ -155,6 +155,72 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), preset=args.preset)
 
 
+def _datagen_shapes(args: argparse.Namespace) -> int:
+    from ip2p_jax.data.build import build_shapes, describe
+
+    path = build_shapes(
+        args.out,
+        args.num,
+        num_validation=args.num_validation,
+        num_heldout=args.num_heldout,
+        size=args.size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(describe(path))
+    return 0
+
+
+def _datagen_import(args: argparse.Namespace) -> int:
+    from ip2p_jax.data import build
+
+    if args.format == "original":
+        if len(args.source) != 1:
+            raise ValueError("the original format is one folder (with seeds.json)")
+        path, reports = build.import_original(args.source[0], args.out, overwrite=args.overwrite)
+    else:
+        path, reports = build.import_parquet(args.source, args.out, overwrite=args.overwrite)
+    for report in reports:
+        print(report.summary())
+    print(build.describe(path))
+    return 0
+
+
+def _datagen_info(args: argparse.Namespace) -> int:
+    from ip2p_jax.data.build import describe
+
+    print(describe(args.dataset))
+    return 0
+
+
+def _add_datagen_parser(commands) -> None:
+    datagen = commands.add_parser("datagen", help="build edit-pair datasets (TFDS array_record)")
+    kinds = datagen.add_subparsers(dest="kind", required=True)
+
+    shapes = kinds.add_parser("shapes", help="the synthetic shapes world, exact ground truth")
+    shapes.add_argument("--num", type=int, required=True, help="train examples")
+    shapes.add_argument("--out", type=Path, required=True, help="dataset folder to write")
+    shapes.add_argument("--num-validation", type=int, default=None, help="default num/20")
+    shapes.add_argument("--num-heldout", type=int, default=None, help="default num/20")
+    shapes.add_argument("--size", type=int, default=64, help="image side in pixels")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    shapes.set_defaults(run=_datagen_shapes)
+
+    imports = kinds.add_parser(
+        "import", help="the original release's folder format or the hub parquet sets"
+    )
+    imports.add_argument("format", choices=["original", "parquet"])
+    imports.add_argument("source", nargs="+", help="folder with seeds.json, or parquet files")
+    imports.add_argument("--out", type=Path, required=True, help="dataset folder to write")
+    imports.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    imports.set_defaults(run=_datagen_import)
+
+    info = kinds.add_parser("info", help="splits, sizes and metadata of a dataset")
+    info.add_argument("dataset", type=Path)
+    info.set_defaults(run=_datagen_info)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``ip2p``."""
     parser = argparse.ArgumentParser(prog="ip2p", description=__doc__)
@@ -230,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--text-scales", type=_scales, default=[3.0, 5.0, 7.5, 10.0])
     grid.add_argument("--image-scales", type=_scales, default=[1.0, 1.2, 1.5, 2.0])
     grid.set_defaults(run=_grid)
+
+    _add_datagen_parser(commands)
 
     demo = commands.add_parser("demo", help="build a random-weight model, convert, check parity")
     demo.add_argument("--out", default="out/demo", help="where the demo writes")

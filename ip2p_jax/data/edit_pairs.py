@@ -118,7 +118,9 @@ def write_dataset(
     out_dir = Path(out_dir)
     target = out_dir / DATASET_NAME / VERSION
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already holds a dataset; pass overwrite to replace it")
+        raise FileExistsError(
+            f"{target} already holds a dataset; pass overwrite=True (--overwrite) to replace it"
+        )
     if not splits:
         raise ValueError("no splits to write")
     for name in splits:

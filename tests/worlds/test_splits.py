@@ -1,0 +1,63 @@
+"""Splits: held-out combinations and phrasings appear only in the heldout split, and there
+always."""
+
+from __future__ import annotations
+
+from ip2p_jax.worlds import shapes as S
+from tests.worlds.conftest import records
+
+
+def heldout_phrases() -> list[str]:
+    """'purple circle' style strings for the held-out pairs."""
+    return [f"{colour} {kind}" for colour, kind in S.HELDOUT_COMBOS]
+
+
+HELDOUT_WORDS = (
+    "dye",
+    "should be",
+    "insert",
+    "erase",
+    "slide",
+    "scale",
+    "picture",
+    "backdrop",
+    "trade",
+)
+
+
+def test_train_and_validation_never_show_heldout_combos_or_phrasings():
+    assert len(S.HELDOUT_COMBOS) == 4
+    assert all(1 <= len(templates) <= 2 for templates in S.HELDOUT_TEMPLATES.values())
+    assert set(S.HELDOUT_TEMPLATES) == set(S.EDIT_KINDS)
+    held = set(S.HELDOUT_COMBOS)
+    for record in records("train", 3000) + records("validation", 1500):
+        before, after, edit = S.decode_annotations(record.annotations(64))
+        combos = {shape.combo for shape in before.shapes + after.shapes}
+        if edit.shape is not None:
+            combos.add(edit.shape.combo)
+        assert not combos & held, record.key
+        assert not S.is_heldout_template(record.template), record.key
+        ((_, template, _),) = S.parse_instruction(record.instruction)
+        assert not S.is_heldout_template(template)
+        texts = (record.instruction, record.input_caption, record.edited_caption)
+        for text in texts:
+            assert not any(phrase in text for phrase in heldout_phrases()), text
+        assert not any(word in record.instruction for word in HELDOUT_WORDS), record.instruction
+
+
+def test_heldout_split_uses_heldout_combos_and_phrasings():
+    sample = records("heldout", 600)
+    held = set(S.HELDOUT_COMBOS)
+    seen_combos, seen_templates, touching = set(), set(), 0
+    for record in sample:
+        assert S.is_heldout_template(record.template), record.instruction
+        ((kind, template, _),) = S.parse_instruction(record.instruction)
+        assert (kind, template) == (record.edit.kind, record.template)
+        in_before = {shape.combo for shape in record.before.shapes} & held
+        assert in_before, record.key
+        seen_combos |= in_before
+        seen_templates.add(record.template)
+        touching += bool(S.touched_combos(record.before, record.edit) & held)
+    assert seen_combos == held
+    assert seen_templates == {t for ts in S.HELDOUT_TEMPLATES.values() for t in ts}
+    assert touching >= 0.7 * len(sample)  # the edit itself mostly acts on a held-out pair
