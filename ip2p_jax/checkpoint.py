@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ from ip2p_jax.safetensors_io import (
     iter_weights,
     write_safetensors,
 )
+from ip2p_jax.schedules import NoiseSchedule
+from ip2p_jax.tokenizer import BUNDLED_DIR, CLIPTokenizer
 
 MARKER = "ip2p_jax.json"
 PARAMS_FILE = "params.safetensors"
@@ -265,6 +267,22 @@ def _model_index(source: Path, unet_in_channels: int) -> dict[str, Any]:
     return index
 
 
+def _write_component(folder: Path, name: str, raw_config: dict, params: dict) -> None:
+    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
+    write_safetensors(folder / name / PARAMS_FILE, flat, {"format": "flax"})
+    (folder / name / "config.json").write_text(json.dumps(raw_config, indent=2))
+
+
+def _write_marker(folder: Path, source: str, components: Sequence[str]) -> None:
+    marker = {
+        "format": "ip2p-jax",
+        "version": FORMAT_VERSION,
+        "source": source,
+        "components": list(components),
+    }
+    (folder / MARKER).write_text(json.dumps(marker, indent=2))
+
+
 def convert_to_flax(
     source: str | os.PathLike,
     destination: str | os.PathLike,
@@ -285,22 +303,49 @@ def convert_to_flax(
     with atomic_folder(destination, overwrite) as staging:
         for name in components:
             loaded = load_component(source, name, in_channels=in_channels, dtype=dtype)
-            flat = {"/".join(k): v for k, v in flatten_dict(loaded.params).items()}
-            write_safetensors(staging / name / PARAMS_FILE, flat, {"format": "flax"})
-            (staging / name / "config.json").write_text(json.dumps(loaded.raw_config, indent=2))
+            _write_component(staging, name, loaded.raw_config, loaded.params)
             if name == "unet":
                 unet_channels = loaded.config.in_channels
-            del loaded, flat
+            del loaded
         _copy_side_folders(source, staging)
         index = _model_index(source, unet_channels or 4)
         (staging / "model_index.json").write_text(json.dumps(index, indent=2))
-        marker = {
-            "format": "ip2p-jax",
-            "version": FORMAT_VERSION,
-            "source": str(source),
-            "components": list(components),
+        _write_marker(staging, str(source), components)
+    return destination
+
+
+def write_checkpoint(
+    destination: str | os.PathLike,
+    components: Mapping[str, LoadedComponent],
+    tokenizer: CLIPTokenizer,
+    schedule: NoiseSchedule,
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """Our checkpoint from components in memory (a trained model), written atomically, with
+    the tokenizer's files and the noise schedule as an Euler-ancestral scheduler config."""
+    destination = Path(destination)
+    with atomic_folder(destination, overwrite) as staging:
+        for name, component in components.items():
+            _write_component(staging, name, component.raw_config, jax.device_get(component.params))
+        shutil.copytree(tokenizer.folder or BUNDLED_DIR, staging / "tokenizer")
+        scheduler = {
+            "_class_name": "EulerAncestralDiscreteScheduler",
+            **dict(schedule.raw),
+            "num_train_timesteps": schedule.num_train_timesteps,
+            "beta_start": schedule.beta_start,
+            "beta_end": schedule.beta_end,
+            "beta_schedule": schedule.beta_schedule,
+            "prediction_type": schedule.prediction_type,
         }
-        (staging / MARKER).write_text(json.dumps(marker, indent=2))
+        (staging / "scheduler").mkdir()
+        (staging / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(scheduler, indent=2)
+        )
+        unet_channels = components["unet"].config.in_channels if "unet" in components else 4
+        index = _model_index(staging, unet_channels)
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2))
+        _write_marker(staging, "trained with ip2p-jax", list(components))
     return destination
 
 

@@ -193,6 +193,35 @@ def _datagen_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from ip2p_jax.train.config import load_config
+    from ip2p_jax.train.loop import TrainingDiverged, train
+
+    config = load_config(args.config, args.overrides)
+    try:
+        state = train(config, args.workdir, resume=args.resume)
+    except TrainingDiverged as err:
+        print(f"ip2p train: {err}", file=sys.stderr)
+        return 1
+    step = int(state.step)
+    done = step >= config.steps
+    print(f"{'finished' if done else 'stopped'} at step {step} in {args.workdir}")
+    if done:
+        print(f"model: {args.workdir / 'model'} (ip2p edit --model ..., ip2p export ...)")
+    return 0
+
+
+def _add_train_parser(commands) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train an InstructPix2Pix model (any config field: --config.a.b=value)",
+    )
+    train.add_argument("--config", type=Path, required=True, help="configs/*.py")
+    train.add_argument("--workdir", type=Path, required=True, help="checkpoints, logs, model")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.set_defaults(run=_train, overrides=[])
+
+
 def _add_datagen_parser(commands) -> None:
     datagen = commands.add_parser("datagen", help="build edit-pair datasets (TFDS array_record)")
     kinds = datagen.add_subparsers(dest="kind", required=True)
@@ -298,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.set_defaults(run=_grid)
 
     _add_datagen_parser(commands)
+    _add_train_parser(commands)
 
     demo = commands.add_parser("demo", help="build a random-weight model, convert, check parity")
     demo.add_argument("--out", default="out/demo", help="where the demo writes")
@@ -308,7 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ip2p`` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "train":  # --config.a.b=value overrides, checked against the config
+        bad = [arg for arg in unknown if not arg.startswith("--config.")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args)
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as err:

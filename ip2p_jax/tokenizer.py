@@ -126,6 +126,7 @@ class CLIPTokenizer:
         self.model_max_length = int(model_max_length)
         self._specials = {BOS_TOKEN, EOS_TOKEN}
         self._bpe = functools.lru_cache(maxsize=2**16)(self._bpe_uncached)
+        self.folder: Path | None = None
 
     def __getstate__(self) -> dict:
         # The BPE cache is a bound lru_cache, which pickle refuses: worker processes (grain's
@@ -154,7 +155,9 @@ class CLIPTokenizer:
         max_length = int(config.get("model_max_length", 77))
         if max_length > 10**6:  # transformers' "no limit" sentinel (int(1e30)): CLIP has 77
             max_length = 77
-        return cls(vocab, merges, model_max_length=max_length, **kwargs)
+        tokenizer = cls(vocab, merges, model_max_length=max_length, **kwargs)
+        tokenizer.folder = folder  # where it came from, so a saved model can ship the same files
+        return tokenizer
 
     @classmethod
     def bundled(cls) -> CLIPTokenizer:

@@ -1,0 +1,56 @@
+"""The shapes world on a CPU: small UNet, VAE and text encoder, trained from scratch.
+
+ip2p datagen shapes --num 20000 --out data/shapes
+ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_tiny
+ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_tiny --config.steps=200
+"""
+
+from ip2p_jax.train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+# 64 px images -> 16x16x4 latents (two 2x downsamplings).
+VAE = {
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "sample_size": 64,
+    "scaling_factor": 1.0,
+}
+# Attention only at 8x8 and 4x4: at 16x16 it would cost more than the convolutions.
+UNET = {
+    "sample_size": 16,
+    "out_channels": 4,
+    "block_out_channels": [64, 128, 128],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 4,
+    "norm_num_groups": 16,
+}
+TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(unet=UNET, vae=VAE, text_encoder=TEXT),
+        # No flips: they would turn "move left" into a move right under the same words.
+        data=DataConfig(path="data/shapes", resolution=64, flip_prob=0.0, workers=0),
+        optim=OptimConfig(learning_rate=3e-4, warmup_steps=100, weight_decay=0.0),
+        batch_size=32,
+        steps=5000,
+        ema_decay=0.999,
+        log_every=10,
+        checkpoint_every=250,
+        validate_every=500,
+    )

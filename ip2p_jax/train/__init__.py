@@ -1,0 +1,1 @@
+"""Training: configs, the objective, the sharded train step, checkpoints and the loop."""

@@ -1,0 +1,172 @@
+"""Training configs: frozen dataclasses, built by a Python file's `get_config()` and changed
+field by field from the command line (`--config.optim.learning_rate=3e-4`)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import os
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Where the weights start. `init_from` is a diffusers folder, hub id or our checkpoint
+    (its UNet's conv_in is widened to `in_channels`); empty means random weights from the
+    diffusers-style config dicts below (the shapes world's small models)."""
+
+    init_from: str = ""
+    vae_from: str = ""  # a separately trained VAE (e.g. `ip2p train-vae`), replacing init's
+    in_channels: int = 8
+    unet: dict | None = None
+    vae: dict | None = None
+    text_encoder: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The edit-pair dataset and its augmentation (see ip2p_jax.data)."""
+
+    path: str = "data/shapes"
+    train_split: str = "train"
+    validation_split: str = "validation"
+    resolution: int = 256
+    min_resize: int = 0  # 0: the resolution
+    max_resize: int = 0
+    flip_prob: float = 0.5
+    workers: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup, a constant or cosine rate after it, global-norm clipping."""
+
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    schedule: str = "constant"  # or "cosine" (to 0 at the last step)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class DropoutConfig:
+    """Conditioning dropout as the reference: r ~ U(0,1); r < text_only drops the text,
+    the next `both` drops both, the next `image_only` drops the image latent."""
+
+    text_only: float = 0.05
+    both: float = 0.05
+    image_only: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    dropout: DropoutConfig = dataclasses.field(default_factory=DropoutConfig)
+    batch_size: int = 64  # global, per optimizer step: per-device x devices x grad_accum
+    grad_accum: int = 1
+    steps: int = 1000
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    ema_decay: float = 0.9999  # 0 disables; warmed up as min(decay, (1+n)/(10+n))
+    compute_dtype: str = "float32"  # "bfloat16": bf16 compute, fp32 master weights
+    remat: bool = False
+    fsdp: int = 1  # devices per FSDP group; the rest of the mesh is data parallel
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every: int = 0  # 0: no validation edits
+    validation_steps: int = 20  # sampling steps of the validation edits
+    validation_images: int = 4
+
+
+class ConfigOverrideError(ValueError):
+    """A command-line override naming a field that doesn't exist or a value of the wrong type."""
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Runs `get_config()` of the Python file at `path`, then applies `--config.a.b=value`
+    overrides (values are Python literals; bare words are strings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"_ip2p_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} has no get_config() function")
+    config = module.get_config()
+    for override in overrides:
+        config = apply_override(config, override)
+    return config
+
+
+def apply_override(config: Any, override: str) -> Any:
+    """`config.a.b=value` or `a.b=value` -> a new config with that field replaced."""
+    text = override.removeprefix("--").removeprefix("config.")
+    if "=" not in text:
+        raise ConfigOverrideError(f"override {override!r} must look like --config.a.b=value")
+    dotted, raw = text.split("=", 1)
+    return _replace(config, dotted.split("."), raw, dotted)
+
+
+def _replace(node: Any, names: list[str], raw: str, dotted: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    name = names[0]
+    if name not in fields:
+        raise ConfigOverrideError(
+            f"--config.{dotted}: {type(node).__name__} has no field {name!r}; "
+            f"it has {sorted(fields)}"
+        )
+    current = getattr(node, name)
+    if len(names) > 1:
+        if dataclasses.is_dataclass(current):
+            value = _replace(current, names[1:], raw, dotted)
+        elif isinstance(current, dict) or current is None:
+            value = _set_in_dict(current or {}, names[1:], _literal(raw))
+        else:
+            raise ConfigOverrideError(f"--config.{dotted}: {name} is not a section")
+    else:
+        value = _typed(_literal(raw), fields[name], type(node), dotted)
+    return dataclasses.replace(node, **{name: value})
+
+
+def _set_in_dict(mapping: dict, names: list[str], value: Any) -> dict:
+    out = dict(mapping)
+    out[names[0]] = _set_in_dict(out.get(names[0]) or {}, names[1:], value) if names[1:] else value
+    return out
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # a bare word: a string
+
+
+def _typed(value: Any, field: dataclasses.Field, owner: type, dotted: str) -> Any:
+    hint = typing.get_type_hints(owner)[field.name]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return None
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (str, dict) and isinstance(value, kind):
+            return value
+    raise ConfigOverrideError(f"--config.{dotted}={value!r}: expected {hint}")

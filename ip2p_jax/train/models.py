@@ -1,0 +1,66 @@
+"""The models a run trains and the frozen ones it conditions on, from a pretrained folder
+(diffusers or ours, the UNet widened to 8 input channels) or freshly initialised from
+diffusers-style config dicts (the shapes world's small models)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from ip2p_jax.checkpoint import COMPONENTS, LoadedComponent, load_component, resolve_model
+from ip2p_jax.schedules import NoiseSchedule
+from ip2p_jax.tokenizer import CLIPTokenizer
+from ip2p_jax.train.config import ModelConfig
+
+
+@dataclasses.dataclass
+class ModelSet:
+    """The UNet (trained), VAE and text encoder (frozen), tokenizer and noise schedule."""
+
+    unet: LoadedComponent
+    vae: LoadedComponent
+    text_encoder: LoadedComponent
+    tokenizer: CLIPTokenizer
+    schedule: NoiseSchedule
+
+
+def init_component(name: str, raw_config: dict, seed: int) -> LoadedComponent:
+    """A component with random weights (flax's default initialisers) from a config dict."""
+    component = COMPONENTS[name]
+    config = component.config_class.from_dict(raw_config, source=f"model.{name}")
+    module = component.module_class(config)
+    inputs = component.example_inputs(config)
+    params = jax.jit(module.init)(jax.random.key(seed), *inputs)["params"]
+    return LoadedComponent(config, dict(raw_config), module, params)
+
+
+def load_models(config: ModelConfig, seed: int = 0) -> ModelSet:
+    """Everything a run needs, as `config` says; see ModelConfig."""
+    if config.init_from:
+        folder = resolve_model(config.init_from)
+        unet = load_component(folder, "unet", in_channels=config.in_channels)
+        vae = load_component(folder, "vae")
+        text_encoder = load_component(folder, "text_encoder")
+        tokenizer_dir = folder / "tokenizer"
+        tokenizer = (
+            CLIPTokenizer.from_folder(tokenizer_dir)
+            if tokenizer_dir.is_dir()
+            else CLIPTokenizer.bundled()
+        )
+        schedule = NoiseSchedule.from_folder(folder)
+    else:
+        missing = [n for n in ("unet", "vae", "text_encoder") if getattr(config, n) is None]
+        if missing and not (missing == ["vae"] and config.vae_from):
+            raise ValueError(
+                f"model.init_from is empty, so model.{missing} need config dicts "
+                "(diffusers config.json fields) to initialise from"
+            )
+        unet = init_component("unet", {**config.unet, "in_channels": config.in_channels}, seed)
+        vae = init_component("vae", config.vae, seed + 1) if config.vae else None
+        text_encoder = init_component("text_encoder", config.text_encoder, seed + 2)
+        tokenizer = CLIPTokenizer.bundled()
+        schedule = NoiseSchedule()  # SD's scaled_linear schedule
+    if config.vae_from:
+        vae = load_component(resolve_model(config.vae_from), "vae")
+    return ModelSet(unet, vae, text_encoder, tokenizer, schedule)

@@ -1,0 +1,62 @@
+"""Where training reports go: TensorBoard event files (tensorboardX, no TensorFlow), a
+JSON-lines copy that tests and scripts read, and a progress bar on a terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class Reporter:
+    """Scalars per step to `workdir/tensorboard` and `workdir/metrics.jsonl`; a progress bar."""
+
+    def __init__(self, workdir: str | os.PathLike, total_steps: int, first_step: int):
+        from tensorboardX import SummaryWriter
+
+        self.workdir = Path(workdir)
+        self.writer = SummaryWriter(str(self.workdir / "tensorboard"))
+        self.jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=first_step,
+            unit="step",
+            disable=not sys.stderr.isatty(),
+            dynamic_ncols=True,
+        )
+        self.quiet = self.bar.disable
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+        if self.quiet:
+            print(f"step {step}: {text}", flush=True)
+        else:
+            self.bar.set_postfix_str(text, refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def image(self, step: int, name: str, pixels) -> None:
+        """A uint8 [H, W, 3] image (the validation grid)."""
+        self.writer.add_image(name, pixels, step, dataformats="HWC")
+
+    def message(self, text: str) -> None:
+        (self.bar.write if not self.quiet else print)(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+        self.jsonl.close()
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    """The rows `Reporter.scalars` wrote, in order."""
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,224 @@
+"""The train state and the jitted, sharded train step.
+
+One call is one optimizer step on a global batch: frozen VAE and CLIP text encode it, the
+batch is split into `grad_accum` micro-batches scanned for the mean gradient, then AdamW and
+the EMA update. Every random draw comes from the state's key, so a resumed run repeats the
+same noise, and the draws don't depend on how the batch is laid over devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from ip2p_jax.train import sharding
+from ip2p_jax.train.config import TrainConfig
+from ip2p_jax.train.loss import diffusion_loss
+from ip2p_jax.train.models import ModelSet
+from ip2p_jax.train.optim import ema_update, learning_rate_schedule, make_optimizer
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training (and goes into a checkpoint)."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # the UNet's, fp32 master weights
+    opt_state: Any
+    ema_params: Any  # None when ema_decay == 0
+    rng: jax.Array  # uint32[2] (raw key data, so checkpoints hold plain arrays)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The compiled step and what it closes over, for one config, model set and mesh."""
+
+    config: TrainConfig
+    models: ModelSet
+    mesh: Mesh
+    optimizer: optax.GradientTransformation
+    frozen: dict  # vae and text params, null text, alphas_cumprod (replicated)
+    state_shardings: Any = None
+    step_fn: Callable | None = None
+
+    def _fresh_state(self, params) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.optimizer.init(params),
+            ema_params=jax.tree.map(jnp.copy, params) if self.config.ema_decay else None,
+            rng=jax.random.PRNGKey(self.config.seed),
+        )
+
+    def _param_shardings(self):
+        return sharding.param_shardings(self.models.unet.params, self.mesh)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state, without allocating it (for restoring a
+        checkpoint): the optimizer moments inherit the params' layout, the rest replicated."""
+        params = jax.tree.map(
+            lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+            self.models.unet.params,
+            self._param_shardings(),
+        )
+        make = jax.jit(self._fresh_state)
+        shapes = jax.eval_shape(make, params)
+        layout = make.lower(params).compile().output_shardings
+        self.state_shardings = layout
+        return jax.tree.map(
+            lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+            shapes,
+            layout,
+        )
+
+    def init_state(self) -> TrainState:
+        """A fresh state, params and optimizer state laid out by the partition rules."""
+        if self.state_shardings is None:
+            self.abstract_state()
+        params = jax.device_put(self.models.unet.params, self._param_shardings())
+        return jax.jit(self._fresh_state, out_shardings=self.state_shardings)(params)
+
+    def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+        """One optimizer step; returns the new state and scalar metrics."""
+        if self.step_fn is None:
+            if self.state_shardings is None:
+                self.abstract_state()
+            self.step_fn = jax.jit(
+                functools.partial(_train_step, self),
+                in_shardings=(self.state_shardings, None, sharding.batch_sharding(self.mesh)),
+                out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                donate_argnums=0,
+            )
+        return self.step_fn(state, self.frozen, batch)
+
+
+def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
+    """Checks the batch against the mesh, encodes the null prompt, places the frozen params."""
+    devices = mesh.devices.size
+    per_step = config.batch_size // config.grad_accum
+    if config.batch_size % config.grad_accum or per_step % devices:
+        raise ValueError(
+            f"batch_size {config.batch_size} must split into grad_accum {config.grad_accum} "
+            f"micro-batches that divide over {devices} devices"
+        )
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
+    if models.vae is None:
+        raise ValueError("no VAE: set model.vae, model.vae_from or model.init_from")
+    text = models.text_encoder
+    null_ids = jnp.asarray(models.tokenizer([""]))
+    null_text = text.module.apply({"params": text.params}, null_ids).last_hidden_state
+    replicated = sharding.replicated(mesh)
+    frozen = jax.device_put(
+        {
+            "vae": models.vae.params,
+            "text": text.params,
+            "null_text": null_text,
+            "alphas_cumprod": jnp.asarray(models.schedule.alphas_cumprod()),
+        },
+        replicated,
+    )
+    optimizer = make_optimizer(config.optim, config.steps)
+    return Trainer(config, models, mesh, optimizer, frozen)
+
+
+def _encode(trainer: Trainer, frozen: dict, batch: dict, key: jax.Array):
+    """Frozen encoders: text states, the target latents (a posterior sample, scaled) and the
+    image-conditioning latents (posterior mode, unscaled), as the reference."""
+    models = trainer.models
+    vae = models.vae.module
+    text = models.text_encoder.module.apply({"params": frozen["text"]}, batch["input_ids"])
+    pixels = {
+        name: batch[name].astype(jnp.float32) / 127.5 - 1.0
+        for name in ("input_image", "edited_image")
+    }
+    encode = lambda images: vae.apply({"params": frozen["vae"]}, images, method=vae.encode)
+    target = encode(pixels["edited_image"]).sample(key) * models.vae.config.scaling_factor
+    image_latent = encode(pixels["input_image"]).mode()
+    return (
+        jax.lax.stop_gradient(text.last_hidden_state),
+        jax.lax.stop_gradient(target),
+        jax.lax.stop_gradient(image_latent),
+    )
+
+
+def _micro_loss(trainer: Trainer, params, frozen: dict, micro: dict, key: jax.Array):
+    config = trainer.config
+    dtype = COMPUTE_DTYPES[config.compute_dtype]
+    keys = jax.random.split(key, 4)
+    text, latents, image_latent = _encode(trainer, frozen, micro, keys[0])
+    batch = latents.shape[0]
+    noise = jax.random.normal(keys[1], latents.shape, latents.dtype)
+    timesteps = jax.random.randint(keys[2], (batch,), 0, frozen["alphas_cumprod"].shape[0])
+    draw = jax.random.uniform(keys[3], (batch,))
+    unet = trainer.models.unet.module
+    cast = jax.tree.map(lambda p: p.astype(dtype), params)
+
+    def denoise(x, t, context):
+        return unet.apply({"params": cast}, x.astype(dtype), t, context.astype(dtype))
+
+    if config.remat:
+        denoise = jax.checkpoint(denoise)
+    return diffusion_loss(
+        denoise,
+        latents=latents,
+        image_latent=image_latent,
+        text=text,
+        null_text=frozen["null_text"],
+        noise=noise,
+        timesteps=timesteps,
+        dropout_draw=draw,
+        rates=config.dropout,
+        alphas_cumprod=frozen["alphas_cumprod"],
+        prediction_type=config.prediction_type,
+    )
+
+
+def _train_step(trainer: Trainer, state: TrainState, frozen: dict, batch: dict):
+    config = trainer.config
+    rng, step_key = jax.random.split(state.rng)
+    accum = config.grad_accum
+    micro_batches = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+    micro_keys = jax.random.split(step_key, accum)
+    grad_fn = jax.value_and_grad(lambda p, m, k: _micro_loss(trainer, p, frozen, m, k))
+
+    def accumulate(carry, inputs):
+        loss_sum, grad_sum = carry
+        loss, grads = grad_fn(state.params, *inputs)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (loss, grads), _ = jax.lax.scan(accumulate, (0.0, zeros), (micro_batches, micro_keys))
+    loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+    updates, opt_state = trainer.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+        ema = ema_update(ema, params, state.step, config.ema_decay)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": learning_rate_schedule(config.optim, config.steps)(state.step),
+    }
+    new_state = TrainState(state.step + 1, params, opt_state, ema, rng)
+    return new_state, metrics
+
+
+def host_metrics(metrics: dict) -> dict[str, float]:
+    """Device scalars -> python floats (one transfer)."""
+    return {name: float(value) for name, value in jax.device_get(metrics).items()}
+
+
+def is_finite(metrics: dict[str, float]) -> bool:
+    return all(np.isfinite(value) for value in metrics.values())
