@@ -12,7 +12,6 @@ import functools
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ from PIL import Image
 
 from ip2p_jax import memory
 from ip2p_jax.checkpoint import LoadedComponent, load_component, resolve_model
+from ip2p_jax.compilation import enable_compilation_cache
 from ip2p_jax.guidance import guided_denoiser
 from ip2p_jax.images import load_image, target_size, to_model_array, to_pil
 from ip2p_jax.models.vae import AutoencoderKL
@@ -31,18 +31,7 @@ from ip2p_jax.samplers import Sampler, get_sampler, initial_noise, sample
 from ip2p_jax.schedules import NoiseSchedule
 from ip2p_jax.tokenizer import CLIPTokenizer
 
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ip2p_jax" / "xla"
 TRACES = {"sample": 0}  # how often the sampling loop was traced (= compiled); tests read it
-
-
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
-    """Turns on JAX's persistent compilation cache (default ~/.cache/ip2p_jax/xla), unless
-    the user set one already. ``IP2P_JAX_CACHE=off`` disables it."""
-    if os.environ.get("IP2P_JAX_CACHE") == "off" or jax.config.jax_compilation_cache_dir:
-        return
-    cache = Path(path or os.environ.get("IP2P_JAX_CACHE") or DEFAULT_CACHE)
-    cache.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(cache))
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from ip2p_jax.compilation import enable_compilation_cache
 from ip2p_jax.data.augment import Augmentation
 from ip2p_jax.data.edit_pairs import EditPairSource
 from ip2p_jax.data.loader import EditPairLoader, InputConfig
@@ -73,6 +74,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = Fal
         )
     (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
+    enable_compilation_cache()
     models = load_models(config.model, config.seed)
     mesh = make_mesh(config.fsdp)
     trainer = make_trainer(config, models, mesh)
@@ -94,7 +96,8 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = Fal
             step += 1
             window_steps += 1
             reporter.advance()
-            last = step == config.steps or preemption.requested
+            stopping = preemption.requested  # read once: a signal may land mid-iteration
+            last = step == config.steps or stopping
             if step % config.log_every == 0 or last:
                 values = host_metrics(metrics)  # waits for the step: the timing is honest
                 if not is_finite(values):
@@ -113,7 +116,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = Fal
                 checkpoints.save(step, state, batches.get_state())
             if config.validate_every and step % config.validate_every == 0:
                 validation_grid(trainer, state, workdir, step, reporter)
-            if preemption.requested:
+            if stopping:
                 reporter.message(f"SIGTERM: saved step {step}; resume with --resume")
                 break
         checkpoints.wait()

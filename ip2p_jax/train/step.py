@@ -208,7 +208,7 @@ def _train_step(trainer: Trainer, state: TrainState, frozen: dict, batch: dict):
         ema = ema_update(ema, params, state.step, config.ema_decay)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": learning_rate_schedule(config.optim, config.steps)(state.step),
     }
     new_state = TrainState(state.step + 1, params, opt_state, ema, rng)

@@ -1,0 +1,94 @@
+"""The training loop on the micro shapes setup: the loss falls, a resumed run is exactly the
+straight run, SIGTERM saves and exits cleanly, a NaN stops the run, the model is usable."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from ip2p_jax.train.checkpoints import Checkpoints
+from ip2p_jax.train.loop import TrainingDiverged, train
+from ip2p_jax.train.reporting import read_metrics
+from tests.train.conftest import micro_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _losses(workdir) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(workdir)}
+
+
+def test_loss_falls_on_the_shapes_world(shapes32, tmp_path):
+    config = micro_config(shapes32, steps=60, log_every=5, checkpoint_every=60, ema_decay=0.0)
+    train(config, tmp_path)
+    losses = list(_losses(tmp_path).values())
+    first, last = np.mean(losses[:2]), np.mean(losses[-4:])
+    assert last < 0.75 * first, losses
+    assert (tmp_path / "model" / "unet" / "params.safetensors").is_file()
+
+
+def test_resumed_run_equals_the_straight_run(shapes32, tmp_path):
+    straight = train(micro_config(shapes32), tmp_path / "straight")
+    half = micro_config(shapes32, steps=3)
+    train(half, tmp_path / "resumed")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(micro_config(shapes32), tmp_path / "resumed")
+    resumed = train(micro_config(shapes32), tmp_path / "resumed", resume=True)
+    assert int(resumed.step) == 6
+    assert _losses(tmp_path / "straight") == _losses(tmp_path / "resumed")
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sigterm_saves_and_exits_cleanly(shapes32, tmp_path):
+    workdir = tmp_path / "run"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from tests.train.conftest import micro_config
+        from ip2p_jax.train.loop import train
+        config = micro_config({str(shapes32)!r}, steps=10000, checkpoint_every=10000)
+        train(config, {str(workdir)!r})
+        print("returned", flush=True)
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "training never logged"
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err
+    assert "returned" in out and "SIGTERM: saved step" in out + err
+    saved = Checkpoints(workdir).latest_step()
+    assert saved is not None and saved >= 2
+    assert saved == max(_losses(workdir))  # the step it stopped at is the one saved
+
+
+def test_non_finite_loss_stops_the_run_with_the_last_checkpoint_intact(shapes32, tmp_path):
+    config = micro_config(shapes32, steps=4, checkpoint_every=2)
+    train(config, tmp_path)
+    diverging = dataclasses.replace(
+        config,
+        steps=8,
+        optim=dataclasses.replace(config.optim, learning_rate=float("inf")),
+    )
+    with pytest.raises(TrainingDiverged, match="last checkpoint \\(4\\) is intact"):
+        train(diverging, tmp_path, resume=True)
+    assert Checkpoints(tmp_path).latest_step() == 4
