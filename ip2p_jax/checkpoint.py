@@ -344,6 +344,7 @@ def write_checkpoint(
         )
         unet_channels = components["unet"].config.in_channels if "unet" in components else 4
         index = _model_index(staging, unet_channels)
+        index["scheduler"] = ["diffusers", scheduler["_class_name"]]
         (staging / "model_index.json").write_text(json.dumps(index, indent=2))
         _write_marker(staging, "trained with ip2p-jax", list(components))
     return destination

@@ -34,7 +34,23 @@ def test_loss_falls_on_the_shapes_world(shapes32, tmp_path):
     losses = list(_losses(tmp_path).values())
     first, last = np.mean(losses[:2]), np.mean(losses[-4:])
     assert last < 0.75 * first, losses
-    assert (tmp_path / "model" / "unet" / "params.safetensors").is_file()
+    _exported_model_loads_in_diffusers(tmp_path / "model", tmp_path / "diffusers")
+
+
+def _exported_model_loads_in_diffusers(model: Path, out: Path) -> None:
+    """The trained model (EMA weights) -> a diffusers folder that diffusers' InstructPix2Pix
+    pipeline loads, with our trained UNet weights in it."""
+    import torch
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    from ip2p_jax.checkpoint import export_diffusers, load_component
+
+    export_diffusers(model, out)
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(out))
+    ours = load_component(model, "unet").params["conv_in"]["kernel"]  # [kh, kw, in, out]
+    theirs = pipe.unet.conv_in.weight.detach()  # [out, in, kh, kw]
+    np.testing.assert_array_equal(np.asarray(ours), theirs.permute(2, 3, 1, 0).numpy())
+    assert pipe.unet.config.in_channels == 8 and isinstance(theirs, torch.Tensor)
 
 
 def test_resumed_run_equals_the_straight_run(shapes32, tmp_path):

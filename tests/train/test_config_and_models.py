@@ -1,0 +1,82 @@
+"""Config files and overrides; starting points (an SD folder widened to 8 channels, random
+init); a trained model exported to diffusers loads in the InstructPix2Pix pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ip2p_jax.train.config import ConfigOverrideError, apply_override, load_config
+from ip2p_jax.train.models import load_models
+from ip2p_jax.train.sharding import make_mesh
+from ip2p_jax.train.step import make_trainer
+from tests.train.conftest import micro_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", ["sd15.py", "shapes_tiny.py"])
+def test_config_files_load_and_take_overrides(name):
+    config = load_config(
+        CONFIGS / name,
+        ["--config.steps=7", "--config.optim.learning_rate=2e-4", "--config.data.path=elsewhere"],
+    )
+    assert (config.steps, config.optim.learning_rate, config.data.path) == (7, 2e-4, "elsewhere")
+    assert config.batch_size % config.grad_accum == 0
+
+
+def test_sd15_is_the_papers_recipe():
+    config = load_config(CONFIGS / "sd15.py")
+    assert config.batch_size == 1024 and config.data.resolution == 256
+    assert config.optim.learning_rate == 1e-4 and config.ema_decay == 0.9999
+    assert config.data.flip_prob == 0.5 and config.model.in_channels == 8
+    dropout = config.dropout
+    assert (dropout.text_only, dropout.both, dropout.image_only) == (0.05, 0.05, 0.05)
+
+
+def test_overrides_are_typed_and_checked():
+    config = micro_config("data")
+    assert apply_override(config, "--config.optim.warmup_steps=3").optim.warmup_steps == 3
+    assert apply_override(config, "config.ema_decay=0").ema_decay == 0.0  # int -> float field
+    assert apply_override(config, "--config.remat=True").remat is True
+    widened = apply_override(config, "--config.model.unet.layers_per_block=2")
+    assert (
+        widened.model.unet["layers_per_block"] == 2 and config.model.unet["layers_per_block"] == 1
+    )
+    with pytest.raises(ConfigOverrideError, match="has no field 'lr'.*'learning_rate'"):
+        apply_override(config, "--config.optim.lr=1e-3")
+    with pytest.raises(ConfigOverrideError, match="steps='many': expected"):
+        apply_override(config, "--config.steps=many")
+    with pytest.raises(ConfigOverrideError, match="must look like"):
+        apply_override(config, "--config.steps")
+
+
+def test_bad_batch_layout_is_refused_before_compiling():
+    config = micro_config("data", batch_size=6, grad_accum=4)
+    models = load_models(config.model)
+    with pytest.raises(ValueError, match="batch_size 6 must split into grad_accum 4"):
+        make_trainer(config, models, make_mesh())
+
+
+def test_fine_tune_from_an_sd_folder_widens_conv_in(tmp_path):
+    from ip2p_jax.checkpoint import load_component
+    from ip2p_jax.reference_models import build_pipeline_folder
+    from ip2p_jax.train.config import ModelConfig
+
+    folder = build_pipeline_folder(tmp_path / "sd", "tiny", overrides={"unet": {"in_channels": 4}})
+    models = load_models(ModelConfig(init_from=str(folder), in_channels=8))
+    kernel = np.asarray(models.unet.params["conv_in"]["kernel"])  # [kh, kw, in, out]
+    original = load_component(folder, "unet").params["conv_in"]
+    assert kernel.shape[2] == 8 and models.unet.config.in_channels == 8
+    np.testing.assert_array_equal(kernel[:, :, :4], original["kernel"])
+    assert not kernel[:, :, 4:].any()
+    np.testing.assert_array_equal(models.unet.params["conv_in"]["bias"], original["bias"])
+
+
+def test_missing_model_configs_are_named():
+    from ip2p_jax.train.config import ModelConfig
+
+    with pytest.raises(ValueError, match=r"model.\['vae'\] need config dicts"):
+        load_models(ModelConfig(unet={}, text_encoder={}))
