@@ -80,3 +80,28 @@ def test_missing_model_configs_are_named():
 
     with pytest.raises(ValueError, match=r"model.\['vae'\] need config dicts"):
         load_models(ModelConfig(unet={}, text_encoder={}))
+
+
+def _two_step_losses(**changes) -> list[float]:
+    from ip2p_jax.train.sharding import global_batch
+    from ip2p_jax.train.step import host_metrics
+    from tests.train.run_steps import fixed_batches
+
+    config = micro_config("data", **changes)
+    models = load_models(config.model, config.seed)
+    mesh = make_mesh()
+    trainer = make_trainer(config, models, mesh)
+    state = trainer.init_state()
+    losses = []
+    for batch in fixed_batches(models.tokenizer, steps=2):
+        state, metrics = trainer.step(state, global_batch(batch, mesh))
+        losses.append(host_metrics(metrics)["loss"])
+    return losses
+
+
+def test_remat_is_exact_and_bf16_is_close():
+    reference = _two_step_losses()
+    np.testing.assert_allclose(_two_step_losses(remat=True), reference, rtol=1e-6)
+    bf16 = _two_step_losses(compute_dtype="bfloat16")
+    np.testing.assert_allclose(bf16, reference, rtol=3e-2)  # bf16 keeps ~3 significant digits
+    assert bf16 != reference
