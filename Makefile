@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup test test-fast demo lint clean
+.PHONY: setup test test-fast demo lint clean train-shapes
 
 setup: $(STAMP)
 
@@ -25,6 +25,20 @@ test-fast: setup
 
 demo: setup
 	$(PY) -m ip2p_jax.cli demo
+
+# The shapes world end to end: data, the VAE, then the editing model (long on a CPU;
+# SHAPES_STEPS / VAE_STEPS shorten it, e.g. make train-shapes VAE_STEPS=300 SHAPES_STEPS=500).
+SHAPES_DIR ?= data/shapes
+RUNS ?= runs
+VAE_STEPS ?= 4000
+SHAPES_STEPS ?= 5000
+train-shapes: setup
+	test -d $(SHAPES_DIR)/edit_pairs || $(PY) -m ip2p_jax.cli datagen shapes --num 20000 --out $(SHAPES_DIR)
+	$(PY) -m ip2p_jax.cli train-vae --config configs/shapes_vae.py --workdir $(RUNS)/shapes_vae \
+		--resume --config.data.path=$(SHAPES_DIR) --config.steps=$(VAE_STEPS)
+	$(PY) -m ip2p_jax.cli train --config configs/shapes_tiny.py --workdir $(RUNS)/shapes_tiny \
+		--resume --config.data.path=$(SHAPES_DIR) --config.steps=$(SHAPES_STEPS) \
+		--config.model.vae_from=$(RUNS)/shapes_vae/vae_model
 
 lint: setup
 	$(VENV)/bin/ruff check .

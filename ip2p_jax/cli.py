@@ -193,33 +193,51 @@ def _datagen_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from ip2p_jax.train.config import load_config
+def _run_training(args: argparse.Namespace, kind: str) -> int:
+    """`ip2p train` (kind "unet") and `ip2p train-vae` (kind "vae"): one config check, one
+    way to report divergence, preemption and the result."""
+    from ip2p_jax.train.config import TrainConfig, load_config
     from ip2p_jax.train.loop import TrainingDiverged, train
+    from ip2p_jax.train.vae import VAETrainConfig, train_vae
 
+    expected, run, result = {
+        "unet": (TrainConfig, train, "model"),
+        "vae": (VAETrainConfig, train_vae, "vae_model"),
+    }[kind]
     config = load_config(args.config, args.overrides)
+    if not isinstance(config, expected):
+        raise ValueError(
+            f"{args.config} gives a {type(config).__name__}; `ip2p {args.command}` needs a "
+            f"{expected.__name__}"
+        )
+    if args.distributed:  # every host runs the same command; JAX finds the others
+        import jax
+
+        jax.distributed.initialize()
     try:
-        state = train(config, args.workdir, resume=args.resume)
+        state = run(config, args.workdir, resume=args.resume)
     except TrainingDiverged as err:
-        print(f"ip2p train: {err}", file=sys.stderr)
+        print(f"ip2p {args.command}: {err}", file=sys.stderr)
         return 1
     step = int(state.step)
     done = step >= config.steps
     print(f"{'finished' if done else 'stopped'} at step {step} in {args.workdir}")
     if done:
-        print(f"model: {args.workdir / 'model'} (ip2p edit --model ..., ip2p export ...)")
+        print(f"result: {args.workdir / result}")
     return 0
 
 
-def _add_train_parser(commands) -> None:
-    train = commands.add_parser(
-        "train",
-        help="train an InstructPix2Pix model (any config field: --config.a.b=value)",
+def _add_training_parser(commands, name: str, kind: str, help_text: str) -> None:
+    parser = commands.add_parser(name, help=f"{help_text} (any config field: --config.a.b=value)")
+    parser.add_argument("--config", type=Path, required=True, help="configs/*.py")
+    parser.add_argument("--workdir", type=Path, required=True, help="checkpoints, logs, result")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host (TPU pod, SLURM): call jax.distributed.initialize() first",
     )
-    train.add_argument("--config", type=Path, required=True, help="configs/*.py")
-    train.add_argument("--workdir", type=Path, required=True, help="checkpoints, logs, model")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    train.set_defaults(run=_train, overrides=[])
+    parser.set_defaults(run=lambda args: _run_training(args, kind), overrides=[])
 
 
 def _add_datagen_parser(commands) -> None:
@@ -327,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.set_defaults(run=_grid)
 
     _add_datagen_parser(commands)
-    _add_train_parser(commands)
+    _add_training_parser(commands, "train", "unet", "train an InstructPix2Pix model")
+    _add_training_parser(commands, "train-vae", "vae", "train the VAE on edit-pair images")
 
     demo = commands.add_parser("demo", help="build a random-weight model, convert, check parity")
     demo.add_argument("--out", default="out/demo", help="where the demo writes")
@@ -340,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ip2p`` command."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if args.command == "train":  # --config.a.b=value overrides, checked against the config
+    if args.command in ("train", "train-vae"):  # --config.a.b=value, checked against the config
         bad = [arg for arg in unknown if not arg.startswith("--config.")]
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")

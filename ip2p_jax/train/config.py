@@ -95,9 +95,10 @@ class ConfigOverrideError(ValueError):
     """A command-line override naming a field that doesn't exist or a value of the wrong type."""
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Runs `get_config()` of the Python file at `path`, then applies `--config.a.b=value`
-    overrides (values are Python literals; bare words are strings)."""
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Any:
+    """Runs `get_config()` of the Python file at `path` (a TrainConfig, or another config
+    dataclass such as VAETrainConfig), then applies `--config.a.b=value` overrides (values
+    are Python literals; bare words are strings)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")

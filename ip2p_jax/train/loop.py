@@ -1,5 +1,12 @@
-"""The training loop, top to bottom: models, mesh, data, state (fresh or resumed), steps with
-logging, checkpoints and validation edits, a clean stop on SIGTERM, the model written out."""
+"""The training loop, one for every kind of run: mesh, data, state (fresh or resumed), steps
+with logging, checkpoints and validation, a clean stop on SIGTERM, a stop on NaN, the model
+written out.
+
+What is trained comes from a `Task`: it builds the trainer (the models and the compiled step,
+a `Stepper`: `init_state`, `abstract_state`, `step`), draws the validation images, exports
+the result, and says which tokenizer the loader uses. `train` runs the InstructPix2Pix UNet's
+task (`unet_task`); `ip2p_jax.train.vae.train_vae` runs the autoencoder's.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +15,23 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from PIL import Image
 
+from ip2p_jax.checkpoint import LoadedComponent
 from ip2p_jax.compilation import enable_compilation_cache
 from ip2p_jax.data.augment import Augmentation
 from ip2p_jax.data.edit_pairs import EditPairSource
-from ip2p_jax.data.loader import EditPairLoader, InputConfig
+from ip2p_jax.data.loader import EditPairLoader, InputConfig, Tokenizer
 from ip2p_jax.train.checkpoints import Checkpoints
 from ip2p_jax.train.config import TrainConfig
-from ip2p_jax.train.models import ModelSet, load_models
+from ip2p_jax.train.models import load_models
 from ip2p_jax.train.reporting import Reporter
 from ip2p_jax.train.sharding import global_batch, make_mesh
 from ip2p_jax.train.step import Trainer, TrainState, host_metrics, is_finite, make_trainer
@@ -28,6 +39,33 @@ from ip2p_jax.train.step import Trainer, TrainState, host_metrics, is_finite, ma
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN or inf; the last checkpoint is the last good one."""
+
+
+class Stepper(Protocol):
+    """The compiled train step and the layout of its state (step.Trainer, vae.VAETrainer)."""
+
+    def init_state(self) -> TrainState: ...
+
+    def abstract_state(self) -> TrainState: ...
+
+    def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One kind of training run, as `run` needs it. `config` has the fields the loop reads:
+    `steps`, `batch_size` (edit pairs per step), `seed`, `fsdp`, `data` (a DataConfig),
+    `log_every`, `checkpoint_every`, `keep_checkpoints` and `validate_every`."""
+
+    config: Any
+    build: Callable[[Mesh], Stepper]  # loads or initialises the models; compiles lazily
+    # (trainer, state, workdir, step, reporter) -> workdir/validation/step_N.png
+    validate: Callable[[Any, TrainState, Path, int, Reporter], Path]
+    export: Callable[[Any, TrainState, Path], Path]  # (trainer, state, folder) -> folder
+    model_folder: str = "model"  # in the workdir
+    # The tokenizer of the batches' `input_ids` (from the trainer); None leaves them out.
+    tokenizer: Callable[[Any], Tokenizer | None] = lambda trainer: None
+    images_per_pair: int = 1  # what examples_per_s counts: pairs, or their images
 
 
 class _Preemption:
@@ -44,7 +82,8 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def make_loader(config: TrainConfig, models: ModelSet) -> EditPairLoader:
+def make_loader(config: Any, tokenizer: Tokenizer | None = None) -> EditPairLoader:
+    """The training split's batches as `config.data` and `config.batch_size` say."""
     data = config.data
     augmentation = Augmentation(
         crop=data.resolution,
@@ -59,11 +98,18 @@ def make_loader(config: TrainConfig, models: ModelSet) -> EditPairLoader:
         worker_count=data.workers,
     )
     source = EditPairSource(data.path, data.train_split)
-    return EditPairLoader(source, input_config, tokenizer=models.tokenizer)
+    return EditPairLoader(source, input_config, tokenizer=tokenizer)
 
 
 def train(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False) -> TrainState:
-    """Trains to `config.steps`; returns the final state. See the module docstring."""
+    """Trains the InstructPix2Pix UNet to `config.steps`; returns the final state. The model
+    goes to workdir/model. See the module docstring."""
+    return run(unet_task(config), workdir, resume=resume)
+
+
+def run(task: Task, workdir: str | os.PathLike, *, resume: bool = False) -> TrainState:
+    """Runs `task` to `task.config.steps`; returns the final state."""
+    config = task.config
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -75,10 +121,9 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = Fal
     (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
     enable_compilation_cache()
-    models = load_models(config.model, config.seed)
     mesh = make_mesh(config.fsdp)
-    trainer = make_trainer(config, models, mesh)
-    batches = iter(make_loader(config, models))
+    trainer = task.build(mesh)
+    batches = iter(make_loader(config, task.tokenizer(trainer)))
     if resume and checkpoints.latest_step() is not None:
         state, data_state = checkpoints.restore(trainer.abstract_state())
         batches.set_state(data_state)
@@ -90,9 +135,14 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = Fal
     preemption = _Preemption()
     try:
         window_start, window_steps = time.perf_counter(), 0
+        in_flight = None
         while step < config.steps:
             batch = global_batch(next(batches), mesh)
             state, metrics = trainer.step(state, batch)
+            # At most one step queued behind the running one: the next batch is still made
+            # while a step runs, and a SIGTERM is seen a step later, not log_every steps.
+            jax.block_until_ready(in_flight)
+            in_flight = metrics
             step += 1
             window_steps += 1
             reporter.advance()
@@ -107,7 +157,8 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = Fal
                         "or check the data, then --resume"
                     )
                 seconds = (time.perf_counter() - window_start) / window_steps
-                values.update(step_time=seconds, examples_per_s=config.batch_size / seconds)
+                examples = config.batch_size * task.images_per_pair
+                values.update(step_time=seconds, examples_per_s=examples / seconds)
                 reporter.scalars(step, values)
                 window_start, window_steps = time.perf_counter(), 0
             if step % config.checkpoint_every == 0 or last:
@@ -115,13 +166,13 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = Fal
                     raise TrainingDiverged(f"step {step}: non-finite metrics; not saved")
                 checkpoints.save(step, state, batches.get_state())
             if config.validate_every and step % config.validate_every == 0:
-                validation_grid(trainer, state, workdir, step, reporter)
+                task.validate(trainer, state, workdir, step, reporter)
             if stopping:
                 reporter.message(f"SIGTERM: saved step {step}; resume with --resume")
                 break
         checkpoints.wait()
         if step >= config.steps:
-            export_model(trainer, state, workdir / "model")
+            task.export(trainer, state, workdir / task.model_folder)
     finally:
         preemption.restore()
         checkpoints.close()
@@ -129,10 +180,42 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = Fal
     return state
 
 
+def trained_params(state: TrainState):
+    """The weights to use: the EMA ones when the run keeps an EMA, else the raw ones."""
+    return state.ema_params if state.ema_params is not None else state.params
+
+
+def trained_component(component: LoadedComponent, state: TrainState) -> LoadedComponent:
+    """`component` (the one a run trains) with the state's weights to use, on the host."""
+    return dataclasses.replace(component, params=jax.device_get(trained_params(state)))
+
+
+def save_grid(
+    rows: list[np.ndarray], workdir: Path, step: int, reporter: Reporter, name: str
+) -> Path:
+    """Stacks uint8 image rows into workdir/validation/step_N.png and TensorBoard's `name`."""
+    grid = np.concatenate(rows, axis=0)
+    path = workdir / "validation" / f"step_{step:07d}.png"
+    path.parent.mkdir(exist_ok=True)
+    Image.fromarray(grid).save(path)
+    reporter.image(step, name, grid)
+    return path
+
+
+def unet_task(config: TrainConfig) -> Task:
+    """The InstructPix2Pix UNet, trained on the frozen VAE and text encoder (step.Trainer)."""
+    return Task(
+        config,
+        build=lambda mesh: make_trainer(config, load_models(config.model, config.seed), mesh),
+        validate=validation_grid,
+        export=export_model,
+        tokenizer=lambda trainer: trainer.models.tokenizer,
+    )
+
+
 def trained_unet(trainer: Trainer, state: TrainState):
     """The UNet component with the EMA weights (the ones to sample with), or the raw ones."""
-    params = state.ema_params if state.ema_params is not None else state.params
-    return dataclasses.replace(trainer.models.unet, params=jax.device_get(params))
+    return trained_component(trainer.models.unet, state)
 
 
 def validation_grid(
@@ -167,12 +250,7 @@ def validation_grid(
         )
         for a, b, ex in zip(inputs, edited, examples, strict=True)
     ]
-    grid = np.concatenate(rows, axis=0)
-    path = workdir / "validation" / f"step_{step:07d}.png"
-    path.parent.mkdir(exist_ok=True)
-    Image.fromarray(grid).save(path)
-    reporter.image(step, "validation/input_edited_target", grid)
-    return path
+    return save_grid(rows, workdir, step, reporter, "validation/input_edited_target")
 
 
 def export_model(trainer: Trainer, state: TrainState, destination: Path) -> Path:

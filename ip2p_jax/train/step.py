@@ -201,18 +201,25 @@ def _train_step(trainer: Trainer, state: TrainState, frozen: dict, batch: dict):
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (loss, grads), _ = jax.lax.scan(accumulate, (0.0, zeros), (micro_batches, micro_keys))
     loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
-    updates, opt_state = trainer.optimizer.update(grads, state.opt_state, state.params)
+    new_state, metrics = apply_gradients(trainer.optimizer, config, state, grads, rng)
+    return new_state, {"loss": loss, **metrics}
+
+
+def apply_gradients(
+    optimizer: optax.GradientTransformation, config, state: TrainState, grads, rng: jax.Array
+) -> tuple[TrainState, dict]:
+    """The optimizer update and the EMA, shared by every trainer; `config` needs `optim`,
+    `steps` and `ema_decay`. Returns the next state and grad_norm / learning_rate."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
         ema = ema_update(ema, params, state.step, config.ema_decay)
     metrics = {
-        "loss": loss,
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": learning_rate_schedule(config.optim, config.steps)(state.step),
     }
-    new_state = TrainState(state.step + 1, params, opt_state, ema, rng)
-    return new_state, metrics
+    return TrainState(state.step + 1, params, opt_state, ema, rng), metrics
 
 
 def host_metrics(metrics: dict) -> dict[str, float]:
