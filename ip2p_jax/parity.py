@@ -311,3 +311,205 @@ def format_table(results: Sequence[Comparison]) -> str:
             + ("  (tolerance on the mean)" if r.metric == "mean" else "")
         )
     return "\n".join(rows)
+
+
+# The PyTorch reference training step -----------------------------------------------------
+
+
+def torch_diffusion_loss(
+    unet,
+    scheduler,
+    *,
+    latents,
+    image_latent,
+    noise,
+    text,
+    null_text,
+    timesteps,
+    random_p,
+    conditioning_dropout_prob: float = 0.05,
+    prediction_type: str = "epsilon",
+):
+    """The loss of diffusers' examples/instruct_pix2pix/train_instruct_pix2pix.py from encoded
+    inputs (torch tensors, NCHW): the conditioning dropout of the original's ddpm_edit.py
+    (r < 2p: the text becomes ``null_text``; p <= r < 3p: the image latent becomes zeros),
+    ``DDPMScheduler.add_noise``, the 8-channel UNet and the epsilon / v MSE. ``latents`` are
+    already scaled by the VAE factor. Returns the scalar loss tensor (backward not taken)."""
+    import torch
+    import torch.nn.functional as F
+
+    uncond = conditioning_dropout_prob
+    bsz = latents.shape[0]
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    prompt_mask = (random_p < 2 * uncond).reshape(bsz, 1, 1)
+    encoder_hidden_states = torch.where(prompt_mask, null_text, text)
+    image_mask_dtype = image_latent.dtype
+    image_mask = 1 - (
+        (random_p >= uncond).to(image_mask_dtype) * (random_p < 3 * uncond).to(image_mask_dtype)
+    )
+    image_latent = image_mask.reshape(bsz, 1, 1, 1) * image_latent
+    concatenated_noisy_latents = torch.cat([noisy_latents, image_latent], dim=1)
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"prediction_type must be epsilon or v_prediction: {prediction_type!r}")
+    model_pred = unet(concatenated_noisy_latents, timesteps, encoder_hidden_states).sample
+    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+
+class TorchTrainStep:
+    """One optimizer step of diffusers' train_instruct_pix2pix.py on a diffusers folder, in
+    float32: the frozen AutoencoderKL (target = ``latent_dist.sample() * scaling_factor``,
+    image latent = ``latent_dist.mode()``) and CLIPTextModel (``last_hidden_state``), the
+    conditioning dropout against the encoding of "", noise, timesteps and the loss of
+    `torch_diffusion_loss`, backward, ``clip_grad_norm_``, ``torch.optim.AdamW`` with the
+    script's warmup schedule, and ``EMAModel.step`` on the UNet's params: the same work per
+    step as `ip2p_jax.train.step`. Random draws come from a seeded torch generator (not the
+    same numbers as ours; the work doesn't depend on them).
+
+    Call it with a host batch as ours takes it: uint8 ``input_image`` / ``edited_image``
+    [B, H, W, 3] and int ``input_ids`` [B, 77]; it returns loss, grad_norm, learning_rate.
+    (EMAModel's decay warmup lags ours by one update: 0 at its first, ours 0.1.)
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        learning_rate: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        grad_clip: float = 1.0,
+        warmup_steps: int = 0,
+        schedule: str = "constant",
+        total_steps: int = 1000,
+        ema_decay: float = 0.9999,
+        conditioning_dropout_prob: float = 0.05,
+        prediction_type: str = "epsilon",
+        seed: int = 0,
+    ):
+        import torch
+        from diffusers import AutoencoderKL as TorchAutoencoderKL
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+        from transformers import CLIPTextModel
+
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
+        folder = Path(folder)
+        self.vae = TorchAutoencoderKL.from_pretrained(folder / "vae").float()
+        self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").float()
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").float()
+        self.scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        self.vae.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+        self.unet.train()
+        tokenizer_dir = folder / "tokenizer"
+        tokenizer = (
+            CLIPTokenizer.from_folder(tokenizer_dir)
+            if tokenizer_dir.is_dir()
+            else CLIPTokenizer.bundled()
+        )
+        with torch.no_grad():
+            null_ids = torch.as_tensor(tokenizer([""]), dtype=torch.long)
+            self.null_text = self.text_encoder(null_ids)[0]
+        self.optimizer = torch.optim.AdamW(
+            self.unet.parameters(),
+            lr=learning_rate,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+        )
+        self.lr_scheduler = get_scheduler(
+            "constant_with_warmup" if schedule == "constant" else "cosine",
+            optimizer=self.optimizer,
+            num_warmup_steps=warmup_steps,
+            num_training_steps=total_steps,
+        )
+        self.ema = EMAModel(self.unet.parameters(), decay=ema_decay) if ema_decay else None
+        self.grad_clip = grad_clip
+        self.conditioning_dropout_prob = conditioning_dropout_prob
+        self.prediction_type = prediction_type
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_config(cls, folder: str | Path, config, seed: int | None = None) -> TorchTrainStep:
+        """The reference step for one of our TrainConfigs (its optimizer, EMA, dropout)."""
+        rates = config.dropout
+        if not rates.text_only == rates.both == rates.image_only:
+            raise ValueError(f"the reference drops with one probability p (p, p, p), not {rates}")
+        optim = config.optim
+        return cls(
+            folder,
+            learning_rate=optim.learning_rate,
+            betas=(optim.b1, optim.b2),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            grad_clip=optim.grad_clip,
+            warmup_steps=optim.warmup_steps,
+            schedule=optim.schedule,
+            total_steps=config.steps,
+            ema_decay=config.ema_decay,
+            conditioning_dropout_prob=rates.text_only,
+            prediction_type=config.prediction_type,
+            seed=config.seed if seed is None else seed,
+        )
+
+    def encode(self, batch: dict):
+        """The frozen encoders -> (text states, scaled target latents, image latents)."""
+        import torch
+
+        def pixels(name):
+            images = torch.from_numpy(np.ascontiguousarray(batch[name]))
+            return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+        with torch.no_grad():
+            ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long)
+            text = self.text_encoder(ids)[0]
+            posterior = self.vae.encode(pixels("edited_image")).latent_dist
+            latents = posterior.sample(generator=self.generator) * self.vae.config.scaling_factor
+            image_latent = self.vae.encode(pixels("input_image")).latent_dist.mode()
+        return text, latents, image_latent
+
+    def __call__(self, batch: dict) -> dict[str, float]:
+        import torch
+
+        text, latents, image_latent = self.encode(batch)
+        bsz = latents.shape[0]
+        generator = self.generator
+        noise = torch.randn(latents.shape, generator=generator)
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (bsz,), generator=generator).long()
+        random_p = torch.rand(bsz, generator=generator)
+        loss = torch_diffusion_loss(
+            self.unet,
+            self.scheduler,
+            latents=latents,
+            image_latent=image_latent,
+            noise=noise,
+            text=text,
+            null_text=self.null_text,
+            timesteps=timesteps,
+            random_p=random_p,
+            conditioning_dropout_prob=self.conditioning_dropout_prob,
+            prediction_type=self.prediction_type,
+        )
+        loss.backward()
+        parameters = self.unet.parameters()
+        max_norm = self.grad_clip if self.grad_clip else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        learning_rate = self.lr_scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad()
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+        return {
+            "loss": float(loss.detach()),
+            "grad_norm": float(grad_norm),
+            "learning_rate": float(learning_rate),
+        }

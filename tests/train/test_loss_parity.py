@@ -1,8 +1,9 @@
 """The training objective against a PyTorch reference step with the real diffusers classes.
 
 The reference is diffusers' examples/instruct_pix2pix/train_instruct_pix2pix.py (and the
-original ddpm_edit.py's conditioning dropout), fed the same latents, noise, timesteps and
-dropout draw as `ip2p_jax.train.loss.diffusion_loss`. Both sides run in float32 on CPU.
+original ddpm_edit.py's conditioning dropout), written once in
+`ip2p_jax.parity.torch_diffusion_loss` and fed the same latents, noise, timesteps and dropout
+draw as `ip2p_jax.train.loss.diffusion_loss`. Both sides run in float32 on CPU.
 
 What is compared: the dropout masks (exactly, at the boundaries); add_noise and the epsilon /
 v targets at every timestep (float32 rounding); the loss on the tiny SD-1 and SD-2 folders
@@ -109,37 +110,26 @@ def _reference_step(folder, inputs: Inputs, prediction_type: str):
 
 def _torch_step(folder, inputs: Inputs, prediction_type: str):
     import torch
-    import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from ip2p_jax.parity import torch_diffusion_loss
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").float()
     unet.train()  # as the script trains it (dropout is 0 in these configs)
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-
-    latents = torch.from_numpy(inputs.latents)
-    noise = torch.from_numpy(inputs.noise)
-    timesteps = torch.from_numpy(inputs.timesteps)
-    encoder_hidden_states = torch.from_numpy(inputs.text)
-    null_conditioning = torch.from_numpy(inputs.null_text)
-    original_image_embeds = torch.from_numpy(inputs.image_latent)
-    random_p = torch.from_numpy(inputs.draw)
-    bsz = latents.shape[0]
-
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    prompt_mask = (random_p < 2 * UNCOND).reshape(bsz, 1, 1)
-    encoder_hidden_states = torch.where(prompt_mask, null_conditioning, encoder_hidden_states)
-    image_mask_dtype = original_image_embeds.dtype
-    image_mask = 1 - (
-        (random_p >= UNCOND).to(image_mask_dtype) * (random_p < 3 * UNCOND).to(image_mask_dtype)
+    loss = torch_diffusion_loss(
+        unet,
+        scheduler,
+        latents=torch.from_numpy(inputs.latents),
+        image_latent=torch.from_numpy(inputs.image_latent),
+        noise=torch.from_numpy(inputs.noise),
+        text=torch.from_numpy(inputs.text),
+        null_text=torch.from_numpy(inputs.null_text),
+        timesteps=torch.from_numpy(inputs.timesteps),
+        random_p=torch.from_numpy(inputs.draw),
+        conditioning_dropout_prob=UNCOND,
+        prediction_type=prediction_type,
     )
-    original_image_embeds = image_mask.reshape(bsz, 1, 1, 1) * original_image_embeds
-    concatenated_noisy_latents = torch.cat([noisy_latents, original_image_embeds], dim=1)
-    if prediction_type == "epsilon":
-        target = noise
-    else:
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    model_pred = unet(concatenated_noisy_latents, timesteps, encoder_hidden_states).sample
-    loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
     unet.zero_grad()
     loss.backward()
     grads = {name: p.grad for name, p in unet.named_parameters()}
