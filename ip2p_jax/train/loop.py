@@ -148,22 +148,17 @@ def run(task: Task, workdir: str | os.PathLike, *, resume: bool = False) -> Trai
             reporter.advance()
             stopping = preemption.requested  # read once: a signal may land mid-iteration
             last = step == config.steps or stopping
+            values = None  # fetched from the device at most once per step
             if step % config.log_every == 0 or last:
-                values = host_metrics(metrics)  # waits for the step: the timing is honest
-                if not is_finite(values):
-                    raise TrainingDiverged(
-                        f"step {step}: {values}; stopped. The last checkpoint "
-                        f"({checkpoints.latest_step()}) is intact: lower the learning rate "
-                        "or check the data, then --resume"
-                    )
+                values = _finite_metrics(step, metrics, checkpoints)  # waits for the step
                 seconds = (time.perf_counter() - window_start) / window_steps
                 examples = config.batch_size * task.images_per_pair
                 values.update(step_time=seconds, examples_per_s=examples / seconds)
                 reporter.scalars(step, values)
                 window_start, window_steps = time.perf_counter(), 0
             if step % config.checkpoint_every == 0 or last:
-                if not is_finite(host_metrics(metrics)):
-                    raise TrainingDiverged(f"step {step}: non-finite metrics; not saved")
+                if values is None:  # never save a diverged state
+                    _finite_metrics(step, metrics, checkpoints)
                 checkpoints.save(step, state, batches.get_state())
             if config.validate_every and step % config.validate_every == 0:
                 task.validate(trainer, state, workdir, step, reporter)
@@ -178,6 +173,18 @@ def run(task: Task, workdir: str | os.PathLike, *, resume: bool = False) -> Trai
         checkpoints.close()
         reporter.close()
     return state
+
+
+def _finite_metrics(step: int, metrics: dict, checkpoints: Checkpoints) -> dict[str, float]:
+    """The step's metrics on the host; TrainingDiverged if any is NaN or inf."""
+    values = host_metrics(metrics)
+    if not is_finite(values):
+        raise TrainingDiverged(
+            f"step {step}: {values}; stopped. The last checkpoint "
+            f"({checkpoints.latest_step()}) is intact: lower the learning rate "
+            "or check the data, then --resume"
+        )
+    return values
 
 
 def trained_params(state: TrainState):
