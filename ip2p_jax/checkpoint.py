@@ -13,9 +13,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from ip2p_jax.atomic import atomic_folder
 from ip2p_jax.convert import (
     ConversionError,
     params_to_state_dict,
@@ -217,29 +216,6 @@ def _read_flax_params(path: Path, expected: dict, dtype) -> dict:
         str(path), missing, sorted("/".join(k) for k in flat.keys() - wanted.keys()), wrong
     )
     return unflatten_dict(flat)
-
-
-@contextmanager
-def atomic_folder(destination: Path, overwrite: bool) -> Iterator[Path]:
-    """Yields a temporary sibling folder that replaces ``destination`` only once complete."""
-    destination = Path(destination)
-    if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination} exists; pass overwrite=True (--overwrite) to replace")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
-    try:
-        yield staging
-        if destination.exists():
-            trash = destination.with_name(f".{destination.name}.old")
-            shutil.rmtree(trash, ignore_errors=True)
-            destination.rename(trash)
-            staging.rename(destination)
-            shutil.rmtree(trash)
-        else:
-            staging.rename(destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _copy_side_folders(source: Path, target: Path) -> None:

@@ -240,6 +240,15 @@ def _add_training_parser(commands, name: str, kind: str, help_text: str) -> None
     parser.set_defaults(run=lambda args: _run_training(args, kind), overrides=[])
 
 
+def _add_torch_side(parser: argparse.ArgumentParser, module: str, name: str) -> None:
+    """Options and runner from datagen/ (which imports torch only when it runs)."""
+    import importlib
+
+    cli = importlib.import_module(module)
+    getattr(cli, f"add_{name}_arguments")(parser)
+    parser.set_defaults(run=getattr(cli, f"run_{name}"))
+
+
 def _add_datagen_parser(commands) -> None:
     datagen = commands.add_parser("datagen", help="build edit-pair datasets (TFDS array_record)")
     kinds = datagen.add_subparsers(dest="kind", required=True)
@@ -262,6 +271,16 @@ def _add_datagen_parser(commands) -> None:
     imports.add_argument("--out", type=Path, required=True, help="dataset folder to write")
     imports.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     imports.set_defaults(run=_datagen_import)
+
+    instructions = kinds.add_parser(
+        "instructions", help="captions -> instruction + edited caption by an LLM (PyTorch side)"
+    )
+    _add_torch_side(instructions, "datagen.instructions_cli", "instructions")
+
+    pairs = kinds.add_parser(
+        "pairs", help="prompts -> Prompt-to-Prompt image pairs -> CLIP filter (PyTorch side)"
+    )
+    _add_torch_side(pairs, "datagen.pairs_cli", "pairs")
 
     info = kinds.add_parser("info", help="splits, sizes and metadata of a dataset")
     info.add_argument("dataset", type=Path)

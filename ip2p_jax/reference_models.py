@@ -151,3 +151,33 @@ def build_pipeline_folder(
     )
     pipe.save_pretrained(str(path))
     return Path(path)
+
+
+# A CLIP (text and vision towers) in miniature for the data generator's filter: the SD-1
+# tokenizer's vocabulary, 32 px images in 8 px patches.
+TINY_CLIP = {
+    "text_config": {**_TINY_TEXT, "hidden_act": "quick_gelu"},
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_act": "quick_gelu",
+    },
+    "projection_dim": 16,
+}
+
+
+def build_clip_folder(path: str | Path, seed: int = 0) -> Path:
+    """Saves a random-weight transformers ``CLIPModel`` and its tokenizer at ``path``."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(**copy.deepcopy(TINY_CLIP))).eval()
+    _perturb(model, seed)
+    model.save_pretrained(str(path))
+    CLIPTokenizer.from_pretrained(str(BUNDLED_DIR)).save_pretrained(str(path))
+    return Path(path)

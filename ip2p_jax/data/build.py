@@ -4,6 +4,7 @@ original release's folder format and the hub parquet sets, each written as one T
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,10 +56,25 @@ def build_shapes(
 def import_original(
     folder: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False
 ) -> tuple[Path, list[importers.ImportReport]]:
-    """The original release's folder, split over prompts 0.9/0.05/0.05 as its loader did."""
-    reports = {split: importers.ImportReport(source=f"{folder} ({split})") for split in SPLITS}
+    """The original release's folder, split over prompts 0.9/0.05/0.05 as its loader did.
+    A split with no prompt (fewer than 20 prompts) is left out with a warning: TFDS cannot
+    write an empty split."""
+    count = len(importers.read_seeds(folder))
+    bounds = importers.split_bounds(count)
+    empty = [split for split in SPLITS if bounds[split][0] == bounds[split][1]]
+    if len(empty) == len(SPLITS):
+        raise ValueError(f"{folder}/seeds.json lists no prompt with a kept pair")
+    if empty:
+        warnings.warn(
+            f"{folder}: {count} prompts leave the split(s) {empty} empty (0.9/0.05/0.05 "
+            "over prompts, as the original); they are left out",
+            importers.DataImportWarning,
+            stacklevel=2,
+        )
+    kept = [split for split in SPLITS if split not in empty]
+    reports = {split: importers.ImportReport(source=f"{folder} ({split})") for split in kept}
     splits = {
-        split: importers.import_original(folder, split, report=reports[split]) for split in SPLITS
+        split: importers.import_original(folder, split, report=reports[split]) for split in kept
     }
     path = write_dataset(
         out_dir,

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ip2p_jax.atomic import write_text_atomically
 from ip2p_jax.data.schema import FLOAT_FIELDS, ExampleError, image_format, make_example
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -131,10 +132,8 @@ def write_seeds_json(folder: str | Path) -> Path:
             if prompt_seeds:
                 seeds.append((prompt_dir.name, prompt_seeds))
     seeds.sort()
-    path = root / "seeds.json"
-    with open(path, "w") as fp:
-        json.dump(seeds, fp)
-    return path
+    # Atomic: shards of `ip2p datagen pairs` on several hosts may each rewrite it.
+    return write_text_atomically(root / "seeds.json", json.dumps(seeds))
 
 
 def split_bounds(n: int, splits: Sequence[float] = ORIGINAL_SPLITS) -> dict[str, tuple[int, int]]:

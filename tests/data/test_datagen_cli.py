@@ -41,3 +41,15 @@ def test_import_original_through_the_cli(tmp_path, capsys):
     prompt, image_0, image_1 = written[(name, seed)]
     assert name == "0000019" and test[0]["instruction"] == prompt["edit"]
     assert test[0]["input_image"] == image_0 and test[0]["edited_image"] == image_1
+
+
+def test_import_original_leaves_out_empty_splits_with_a_warning(tmp_path):
+    import pytest
+
+    from ip2p_jax.data import build
+    from ip2p_jax.data.importers import DataImportWarning
+
+    write_original(tmp_path / "release", n_prompts=5)  # 0.9/0.05/0.05 of 5: 4, 0, 1
+    with pytest.warns(DataImportWarning, match=r"\['validation'\] empty"):
+        build.import_original(tmp_path / "release", tmp_path / "imported")
+    assert split_sizes(tmp_path / "imported") == {"train": 8, "test": 2}

@@ -1,0 +1,89 @@
+"""Generated pairs on disk in the original release's folder layout, one folder per prompt,
+each written whole or not at all, so a restarted job skips exactly the finished prompts:
+
+    generation.json              the recipe (checked again on restart)
+    0000012/prompt.json          {"input": ..., "edit": ..., "output": ..., "id": ...}
+    0000012/3713524215_0.jpg     input image of the kept sample with seed 3713524215
+    0000012/3713524215_1.jpg     its edited image
+    0000012/metadata.jsonl       {"seed": ..., "p2p_threshold": ..., "cfg_scale": ..., clip_sim_*}
+    seeds.json                   [["0000012", ["3713524215", ...]], ...] once a shard finishes
+
+`ip2p datagen import original` (ip2p_jax.data.build.import_original) turns it into the TFDS
+dataset; `ip2p datagen pairs --dataset` does that at the end of a complete run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ip2p_jax.atomic import atomic_folder, write_text_atomically
+
+JPEG_QUALITY = 100  # as the original saved its pairs
+RECIPE_FILE = "generation.json"
+
+
+@dataclass(frozen=True)
+class KeptPair:
+    """One sample that passed the filter: its images (uint8, H x W x 3) and metadata."""
+
+    seed: int
+    input_image: np.ndarray
+    edited_image: np.ndarray
+    metadata: Mapping[str, float]
+
+
+class PairFolder:
+    """The output folder of a pair-generation job (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike, recipe: Mapping[str, Any]):
+        """Opens `root`, writing `recipe` there, or checking it against the one already there:
+        a restarted job must render with the same recipe, or its seeds would mean other pairs."""
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        recipe = json.loads(json.dumps(recipe))  # as it reads back: lists, not tuples
+        path = self.root / RECIPE_FILE
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            changed = sorted(
+                k for k in recipe.keys() | stored.keys() if recipe.get(k) != stored.get(k)
+            )
+            if changed:
+                details = ", ".join(f"{k}: {stored.get(k)!r} -> {recipe.get(k)!r}" for k in changed)
+                raise ValueError(
+                    f"{path} was written with another recipe ({details}); use a new output "
+                    "folder, or the same settings to continue it"
+                )
+        else:
+            write_text_atomically(path, json.dumps(recipe, indent=2, sort_keys=True))
+        self.recipe = recipe
+
+    def prompt_dir(self, index: int) -> Path:
+        """The folder of prompt `index` (its line number in the prompts file)."""
+        return self.root / f"{index:07d}"
+
+    def is_done(self, index: int) -> bool:
+        """Whether prompt `index` was finished (by this job or an earlier one)."""
+        return self.prompt_dir(index).is_dir()
+
+    def write(self, index: int, prompt: Mapping[str, Any], pairs: Sequence[KeptPair]) -> Path:
+        """Writes prompt `index` with its kept pairs, atomically. A prompt with no pair kept
+        gets its folder too (prompt.json only), so a restart does not render it again."""
+        with atomic_folder(self.prompt_dir(index), overwrite=False) as staging:
+            (staging / "prompt.json").write_text(json.dumps(dict(prompt)))
+            lines = []
+            for pair in pairs:
+                for side, image in enumerate((pair.input_image, pair.edited_image)):
+                    Image.fromarray(image).save(
+                        staging / f"{pair.seed}_{side}.jpg", quality=JPEG_QUALITY
+                    )
+                lines.append(json.dumps({"seed": pair.seed, **pair.metadata}) + "\n")
+            (staging / "metadata.jsonl").write_text("".join(lines))
+        return self.prompt_dir(index)
