@@ -10,6 +10,7 @@ the Prompt-to-Prompt fraction p ~ U(min_p2p, max_p2p) and guidance scale ~ U(min
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,8 +209,6 @@ class PairSampler:
         return images.reshape(pairs, 2, *images.shape[1:])
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        import time
-
         start = time.perf_counter()
         out = self.unet(x, t, encoder_hidden_states=cond).sample
         self.unet_seconds += time.perf_counter() - start
