@@ -24,7 +24,12 @@ from ip2p_jax.train import sharding
 from ip2p_jax.train.config import TrainConfig
 from ip2p_jax.train.loss import diffusion_loss
 from ip2p_jax.train.models import ModelSet
-from ip2p_jax.train.optim import ema_update, learning_rate_schedule, make_optimizer
+from ip2p_jax.train.optim import (
+    ema_decay,
+    learning_rate_schedule,
+    make_optimizer,
+    update_leafwise,
+)
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -210,11 +215,16 @@ def apply_gradients(
 ) -> tuple[TrainState, dict]:
     """The optimizer update and the EMA, shared by every trainer; `config` needs `optim`,
     `steps` and `ema_decay`. Returns the next state and grad_norm / learning_rate."""
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
-    if ema is not None:
-        ema = ema_update(ema, params, state.step, config.ema_decay)
+    params, opt_state, ema = update_leafwise(
+        optimizer,
+        grads,
+        state.opt_state,
+        state.params,
+        max_norm=config.optim.grad_clip,
+        ema=ema,
+        ema_decay_value=ema_decay(state.step, config.ema_decay) if ema is not None else None,
+    )
     metrics = {
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": learning_rate_schedule(config.optim, config.steps)(state.step),
