@@ -1,6 +1,6 @@
 """3x3 convolutions at Stable Diffusion's shapes: XLA's native convolution, the patch matmul
 (im2col) and torch's Conv2d, side by side on this CPU. It is the evidence behind
-``PATCHES_MAX_POSITIONS`` in ip2p_jax/models/layers.py.
+``PATCHES_MAX_ROWS`` in ip2p_jax/models/layers.py.
 
     .venv/bin/python scripts/bench_conv.py
 

@@ -41,11 +41,13 @@ def layer_norm(epsilon: float, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name)
 
 
-# On the CPU, a convolution over at most this many output positions runs as one matmul over
-# gathered patches (im2col): XLA's CPU convolution drops to 30-90 GFLOP/s on SD's 8x8 and 4x4
-# levels where the matmul holds 145-180, while on 32x32 and larger it is the faster of the
-# two (scripts/bench_conv.py measures both). Other backends keep their native convolution.
-PATCHES_MAX_POSITIONS = 256
+# On the CPU, a convolution whose output has at most this many rows (batch x positions) runs
+# as one matmul over gathered patches (im2col): XLA's CPU convolution drops to 30-90 GFLOP/s
+# on SD's 8x8 and 4x4 levels at the 3 guidance rows, where the matmul holds 145-180. With more
+# rows the native convolution is the faster one, forward (scripts/bench_conv.py: 32x32 at 3
+# rows) and forward + backward (a training batch of 32 at 16x16 and 8x8: 1.2-1.9x). Other
+# backends keep their native convolution.
+PATCHES_MAX_ROWS = 768
 
 
 class Conv2d(nn.Module):
@@ -67,7 +69,7 @@ class Conv2d(nn.Module):
         height, width = x.shape[1:3]
         out_h = (height + 2 * pad - size) // stride + 1
         out_w = (width + 2 * pad - size) // stride + 1
-        as_matmul = (size == 1 and stride == 1) or out_h * out_w <= PATCHES_MAX_POSITIONS
+        as_matmul = (size == 1 and stride == 1) or x.shape[0] * out_h * out_w <= PATCHES_MAX_ROWS
         if jax.default_backend() != "cpu" or not as_matmul:
             out = jax.lax.conv_general_dilated(
                 x,
