@@ -166,28 +166,22 @@ def _render_prompt(
 
     draws = [sampler.config.draw(s) for s in sample_seeds(seed, index, samples)]
     images, scores = [], []
-    step = sampler.pairs_per_call
-    for start in range(0, samples, step):
-        chunk = draws[start : start + step]
-        rendered = sampler.render(prompt["input"], prompt["output"], chunk)
+    for rendered in sampler.render_chunks(prompt["input"], prompt["output"], draws):
+        count = len(rendered)
         scores += clip.scores(
             torch.from_numpy(rendered[:, 0]),
             torch.from_numpy(rendered[:, 1]),
-            [prompt["input"]] * len(chunk),
-            [prompt["output"]] * len(chunk),
+            [prompt["input"]] * count,
+            [prompt["output"]] * count,
         )
         images.append(to_uint8(rendered))
-        summary.samples += len(chunk)
-        bar.update(len(chunk))
+        summary.samples += count
+        bar.update(count)
     images = np.concatenate(images)
-    for one in scores:
-        reason = filter_config.rejection(one)
-        if reason is not None:
-            summary.rejected[reason] += 1
+    reasons = [filter_config.rejection(one) for one in scores]
+    summary.rejected.update(reason for reason in reasons if reason is not None)
     chosen = select(scores, filter_config)
-    summary.rejected["beyond_keep"] += sum(
-        filter_config.rejection(one) is None for one in scores
-    ) - len(chosen)
+    summary.rejected["beyond_keep"] += reasons.count(None) - len(chosen)
     return [
         KeptPair(
             seed=draws[i].seed,

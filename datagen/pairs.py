@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +134,7 @@ class PairSampler:
     def _encode(self, texts: Sequence[str]) -> torch.Tensor:
         return self.text_encoder(self._tokens(texts).to(self.device))[0]
 
-    def _set_mappers(self, input_caption: str, edited_caption: str) -> None:
+    def _set_mapper(self, input_caption: str, edited_caption: str) -> None:
         """Token maps for the cross-attention modes; 'replace' refuses unequal token counts."""
         if self.config.mode == "self":
             return
@@ -153,21 +153,25 @@ class PairSampler:
                 )
             return
         mapper, alphas = prompt2prompt.refinement_mapper(source, target, length)
-        self.controller.mappers = mapper[None].repeat(self.pairs_per_call, 1)
-        self.controller.alphas = alphas[None].repeat(self.pairs_per_call, 1)
+        self.controller.mapper, self.controller.alphas = mapper, alphas
 
-    @torch.no_grad()
     def render(
         self, input_caption: str, edited_caption: str, draws: Sequence[SampleDraw]
     ) -> np.ndarray:
         """Images (len(draws), 2, H, W, 3) in [0, 1], float32: [:, 0] the input caption's,
         [:, 1] the edited caption's."""
-        self._set_mappers(input_caption, edited_caption)
+        return np.concatenate(list(self.render_chunks(input_caption, edited_caption, draws)))
+
+    @torch.no_grad()
+    def render_chunks(
+        self, input_caption: str, edited_caption: str, draws: Sequence[SampleDraw]
+    ) -> Iterator[np.ndarray]:
+        """`render`, one UNet batch (`pairs_per_call` draws) at a time, so a caller can score
+        and shrink each chunk before the next is drawn. The captions are encoded once."""
+        self._set_mapper(input_caption, edited_caption)
         text = self._encode([input_caption, edited_caption])
-        out = []
         for start in range(0, len(draws), self.pairs_per_call):
-            out.append(self._render_chunk(text, draws[start : start + self.pairs_per_call]))
-        return np.concatenate(out)
+            yield self._render_chunk(text, draws[start : start + self.pairs_per_call])
 
     def _render_chunk(self, text: torch.Tensor, draws: Sequence[SampleDraw]) -> np.ndarray:
         pairs = len(draws)

@@ -57,13 +57,15 @@ def refinement_mapper(
 class P2PController:
     """What the processors do at the current step; `PairSampler` sets it before each call.
 
-    `active[k]` says whether pair k borrows maps at this step. For "refine", `mappers` and
-    `alphas` hold one row per pair (`refinement_mapper`). `edit_seconds` accumulates the time
-    spent borrowing maps (the bookkeeping the benchmark reports against UNet time)."""
+    `active[k]` says whether pair k borrows maps at this step. For "refine", `mapper` and
+    `alphas` align the edited caption's tokens with the input caption's
+    (`refinement_mapper`); every pair of a call has the same two captions. `edit_seconds`
+    accumulates the time spent borrowing maps (the bookkeeping the benchmark reports against
+    UNet time)."""
 
     mode: str = "self"
     active: torch.Tensor | None = None
-    mappers: torch.Tensor | None = None
+    mapper: torch.Tensor | None = None
     alphas: torch.Tensor | None = None
     edit_seconds: float = 0.0
 
@@ -106,13 +108,13 @@ class P2PController:
         input row, new tokens' (alpha 0) their own. All other rows stay as computed."""
         start = time.perf_counter()
         pairs = query.shape[0] // 4
+        alphas = self.alphas.to(query.dtype)
         for k in self._active_pairs():
             source, target = 2 * pairs + 2 * k, 2 * pairs + 2 * k + 1  # conditional half
             maps = (
                 query[[source, target]] @ key[[source, target]].transpose(-1, -2) * scale
             ).softmax(-1)
-            alphas = self.alphas[k].to(maps.dtype)
-            mixed = maps[0][..., self.mappers[k]] * alphas + maps[1] * (1 - alphas)
+            mixed = maps[0][..., self.mapper] * alphas + maps[1] * (1 - alphas)
             out[target] = mixed @ value[target]
         self.edit_seconds += time.perf_counter() - start
 

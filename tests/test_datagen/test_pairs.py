@@ -134,7 +134,7 @@ def test_processor_borrows_the_right_maps(mode):
     attn = Attention(16, cross_attention_dim=12 if is_cross else None, heads=2, dim_head=8)
     controller = prompt2prompt.P2PController(mode, active=torch.tensor([True, False]))
     mapper, alphas = prompt2prompt.refinement_mapper([0, 5, 7, 1], [0, 5, 6, 7, 1], 6)
-    controller.mappers, controller.alphas = mapper[None].repeat(2, 1), alphas[None].repeat(2, 1)
+    controller.mapper, controller.alphas = mapper, alphas
     attn.set_processor(prompt2prompt.P2PAttnProcessor(controller, is_cross))
     x = torch.randn(8, 10, 16)  # [u_in0, u_ed0, u_in1, u_ed1, c_in0, c_ed0, c_in1, c_ed1]
     context = torch.randn(8, 6, 12) if is_cross else x
