@@ -122,16 +122,27 @@ def _decode(module, params, latents):
     return module.apply({"params": params}, latents, method=AutoencoderKL.decode)
 
 
+_PLACE_WINDOW = 256 << 20  # bytes of host arrays in flight to the devices
+
+
 def _place(component: LoadedComponent, sharding: NamedSharding) -> None:
     """Moves a component's params onto the devices leaf by leaf, dropping each host array as
-    it goes: peak memory stays near one copy of the weights, not two."""
+    it goes: peak memory stays near one copy of the weights, not two. device_put is
+    asynchronous and holds its host array until the copy is done, so copies are waited for
+    every ``_PLACE_WINDOW`` bytes: unwaited, SD-1.5 peaked at two copies (7.8 GB) a few
+    seconds after loading; waiting for each leaf made loading 30 % slower."""
     flat = flatten_dict(component.params)
     component.params = None
-    placed = {}
+    placed, pending, pending_bytes = {}, [], 0
     while flat:
         path, array = flat.popitem()
         placed[path] = jax.device_put(array, sharding)
+        pending.append(placed[path])
+        pending_bytes += array.nbytes
         del array
+        if pending_bytes >= _PLACE_WINDOW or not flat:
+            jax.block_until_ready(pending)
+            pending, pending_bytes = [], 0
     component.params = unflatten_dict(placed)
 
 
