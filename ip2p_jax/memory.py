@@ -7,6 +7,9 @@ of 1 MB and up are therefore memory-mapped (freed at once). For sampling, where 
 activations are allocated every step, large thresholds keep them in the heap, which is
 15-20 % faster than mapping them anew. Linux/glibc only; ``IP2P_JAX_MALLOC=default`` (or any
 other platform) leaves malloc alone.
+
+Weights go from the host onto the devices with :func:`move_to_devices`, which frees each host
+array once its copy is done, so the two copies never coexist.
 """
 
 from __future__ import annotations
@@ -14,6 +17,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from typing import TYPE_CHECKING
+
+import jax
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+if TYPE_CHECKING:
+    from ip2p_jax.checkpoint import LoadedComponent
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -40,3 +50,35 @@ def keep_blocks_for_reuse() -> None:
         libc.malloc_trim(0)
         libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
+# Bytes of host arrays in flight to the devices before move_to_devices waits for them.
+PLACE_WINDOW = 256 << 20
+
+
+def move_to_devices(component: LoadedComponent, shardings: jax.sharding.Sharding | dict) -> None:
+    """Moves a component's params onto the devices leaf by leaf, in place. The component lets
+    go of its host tree first, so each host array is freed once its copy is done (when
+    nothing else holds it) and the peak stays near one copy of the weights, not two.
+
+    ``shardings`` is one sharding for every leaf or a tree of them shaped like the params.
+    device_put is asynchronous and holds its host array until the copy is done: the copies
+    are waited for every ``PLACE_WINDOW`` bytes. Unwaited, SD-1.5's weights peaked at two
+    copies (7.8 GB) a few seconds after loading; waiting for each leaf made loading 30 %
+    slower.
+    """
+    flat = flatten_dict(component.params)
+    component.params = None
+    per_leaf = None if isinstance(shardings, jax.sharding.Sharding) else flatten_dict(shardings)
+    placed, pending, pending_bytes = {}, [], 0
+    while flat:
+        path, array = flat.popitem()
+        sharding = shardings if per_leaf is None else per_leaf[path]
+        placed[path] = jax.device_put(array, sharding)
+        pending.append(placed[path])
+        pending_bytes += array.nbytes
+        del array
+        if pending_bytes >= PLACE_WINDOW or not flat:
+            jax.block_until_ready(pending)
+            pending, pending_bytes = [], 0
+    component.params = unflatten_dict(placed)

@@ -31,11 +31,10 @@ def test_weights_are_placed_with_a_bounded_window_of_host_copies_in_flight(monke
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from ip2p_jax import pipeline
     from ip2p_jax.checkpoint import LoadedComponent
 
     window, leaf_bytes = 3 * 4096, 4096
-    monkeypatch.setattr(pipeline, "_PLACE_WINDOW", window)
+    monkeypatch.setattr(memory, "PLACE_WINDOW", window)
     in_flight, most = [0], [0]
     put, wait = jax.device_put, jax.block_until_ready
 
@@ -53,7 +52,7 @@ def test_weights_are_placed_with_a_bounded_window_of_host_copies_in_flight(monke
     params = {f"layer{i}": {"kernel": np.full(leaf_bytes // 4, i, np.float32)} for i in range(10)}
     component = LoadedComponent(config=None, raw_config={}, module=None, params=params)
     mesh = jax.make_mesh((1,), ("data",))
-    pipeline._place(component, NamedSharding(mesh, P()))
+    memory.move_to_devices(component, NamedSharding(mesh, P()))
     assert most[0] <= window  # the host copies waited for every 3 leaves, never all 10
     assert in_flight[0] == 0  # and the last ones before returning
     for i in range(10):

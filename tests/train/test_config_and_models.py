@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -105,3 +106,19 @@ def test_remat_is_exact_and_bf16_is_close():
     bf16 = _two_step_losses(compute_dtype="bfloat16")
     np.testing.assert_allclose(bf16, reference, rtol=3e-2)  # bf16 keeps ~3 significant digits
     assert bf16 != reference
+
+
+def test_the_state_takes_the_weights_over_and_no_host_copy_stays():
+    config = micro_config("data")
+    models = load_models(config.model, config.seed)
+    host_kernel = np.asarray(models.unet.params["conv_in"]["kernel"]).copy()
+    trainer = make_trainer(config, models, make_mesh())
+    for frozen in (models.vae.params, models.text_encoder.params):  # placed where they were
+        assert all(isinstance(p, jax.Array) for p in jax.tree.leaves(frozen))
+    state = trainer.init_state()
+    np.testing.assert_array_equal(np.asarray(state.params["conv_in"]["kernel"]), host_kernel)
+    shapes = jax.tree.leaves(models.unet.params)
+    assert shapes and all(isinstance(p, jax.ShapeDtypeStruct) for p in shapes)
+    assert trainer.abstract_state().params["conv_in"]["kernel"].shape == host_kernel.shape
+    with pytest.raises(RuntimeError, match="called before"):
+        trainer.init_state()
