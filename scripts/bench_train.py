@@ -22,8 +22,8 @@ sample, scaled, and the mode), the CLIP text encode, conditioning dropout, noise
 forward and backward, the epsilon MSE, global-norm clipping, AdamW, the EMA update.
 
 Each side runs in a fresh process, so its peak RSS is its own, and loads the folder's
-weights (ours: load_models + make_trainer + init_state; after init_state our job drops the
-loaded UNet weights, which the state has copied). The first step is timed apart (for ours it
+weights (ours: load_models + make_trainer + init_state, which leaves no host copy of the
+weights behind). The first step is timed apart (for ours it
 includes tracing and compiling: "compile s" = first step - steady step); then `--rounds`
 rounds of `--steps` steps each, and the median round's mean step time is reported (this
 machine is shared and noisy: every round is printed, with the load average).
@@ -129,12 +129,7 @@ def job_ours(config, folder: Path, batch: dict, rounds: int, steps: int) -> dict
     models = load_models(ModelConfig(init_from=str(folder)), config.seed)
     mesh = make_mesh(config.fsdp)
     trainer = make_trainer(config, models, mesh)
-    state = trainer.init_state()
-    # The state holds its own copy of the UNet's weights; the loaded ones are not needed for
-    # stepping (only their shapes, for the shardings, which init_state has worked out).
-    shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), models.unet.params)
-    trainer.models.unet = dataclasses.replace(models.unet, params=shapes)
-    del models
+    state = trainer.init_state()  # takes the loaded weights over: no host copy stays
     device_batch = global_batch(batch, mesh)
     jax.block_until_ready((state, device_batch))
     load_s = time.perf_counter() - start
