@@ -68,3 +68,13 @@ def test_unknown_kernel_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="blockwise"):
         with attn.attention_kernel("flash9"):
             pass
+
+
+def test_the_default_kernel_follows_the_backend(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert attn.active_kernel() == "blockwise"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attn.active_kernel() == "dot_product"  # no loop of small kernels on a GPU
+    with attn.attention_kernel("blockwise"):
+        assert attn.active_kernel() == "blockwise"
+    assert attn.active_kernel() == "dot_product"

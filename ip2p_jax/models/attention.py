@@ -1,9 +1,10 @@
 """The one place attention is computed.
 
 Every attention in the UNet, VAE and CLIP text encoder goes through :func:`attention`, so a
-faster kernel (cuDNN flash on GPU, splash on TPU) is chosen here alone. The default,
-``blockwise``, is exact attention computed one head and block of queries at a time; short
-sequences and masked (causal) attention take plain ``dot_product``.
+faster kernel (cuDNN flash on GPU, splash on TPU) is chosen here alone. The CPU's default,
+``blockwise``, is exact attention computed one head and block of queries at a time (short
+sequences and masked (causal) attention take plain ``dot_product``); other backends default
+to ``dot_product``.
 Tensors are laid out ``[batch, length, heads, head_dim]``, as ``jax.nn.dot_product_attention``.
 """
 
@@ -86,7 +87,16 @@ KERNELS: dict[str, AttentionFn] = {
     "cudnn": _cudnn_attention,
 }
 
-_active = "blockwise"
+# The kernel each backend traces with unless attention_kernel() picks one: the blockwise loop
+# suits a CPU's caches, but on a GPU or TPU its loop over heads would be hundreds of small
+# sequential kernels, so they take XLA's attention.
+BACKEND_DEFAULTS = {"cpu": "blockwise"}
+_active: str | None = None  # set by attention_kernel(); None: the backend's default
+
+
+def active_kernel() -> str:
+    """The name of the kernel :func:`attention` uses now."""
+    return _active or BACKEND_DEFAULTS.get(jax.default_backend(), "dot_product")
 
 
 def register_kernel(name: str, fn: AttentionFn) -> None:
@@ -119,5 +129,5 @@ def attention(
 
     ``mask`` is boolean, broadcastable to ``[batch, heads, q_len, kv_len]``, True = attend.
     """
-    out = KERNELS[_active](q, k, v, causal=causal, mask=mask)
+    out = KERNELS[active_kernel()](q, k, v, causal=causal, mask=mask)
     return out.astype(jnp.result_type(q))
