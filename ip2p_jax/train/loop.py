@@ -48,6 +48,8 @@ class Stepper(Protocol):
 
     def abstract_state(self) -> TrainState: ...
 
+    def release_loaded_weights(self) -> None: ...
+
     def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]: ...
 
 
@@ -126,6 +128,7 @@ def run(task: Task, workdir: str | os.PathLike, *, resume: bool = False) -> Trai
     batches = iter(make_loader(config, task.tokenizer(trainer)))
     if resume and checkpoints.latest_step() is not None:
         state, data_state = checkpoints.restore(trainer.abstract_state())
+        trainer.release_loaded_weights()  # the restored state has its own
         batches.set_state(data_state)
     else:
         state = trainer.init_state()

@@ -9,6 +9,7 @@ import dataclasses
 import jax
 
 from ip2p_jax.checkpoint import COMPONENTS, LoadedComponent, load_component, resolve_model
+from ip2p_jax.memory import move_to_devices
 from ip2p_jax.schedules import NoiseSchedule
 from ip2p_jax.tokenizer import CLIPTokenizer
 from ip2p_jax.train.config import ModelConfig
@@ -64,3 +65,28 @@ def load_models(config: ModelConfig, seed: int = 0) -> ModelSet:
     if config.vae_from:
         vae = load_component(resolve_model(config.vae_from), "vae")
     return ModelSet(unet, vae, text_encoder, tokenizer, schedule)
+
+
+def keep_shapes_only(component: LoadedComponent) -> None:
+    """Replaces a trained component's weights by their shapes: once a train state holds the
+    weights, the loaded copy is dead weight (3.4 GB of host memory for SD-1.5's UNet), and
+    the shapes are all the trainer needs for its shardings."""
+    component.params = jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), component.params
+    )
+
+
+def hand_over_weights(component: LoadedComponent, shardings: dict) -> dict:
+    """Places a trained component's weights by ``shardings`` for a fresh train state and
+    leaves the component their shapes (:func:`keep_shapes_only`); returns the placed tree.
+    A component already handed over is refused: its weights live in that state now."""
+    if any(isinstance(p, jax.ShapeDtypeStruct) for p in jax.tree.leaves(component.params)):
+        raise RuntimeError(
+            "these weights were handed over to a train state already (init_state was called "
+            "before); restore that state's checkpoint or load the models again"
+        )
+    shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), component.params)
+    move_to_devices(component, shardings)
+    placed = component.params
+    component.params = shapes
+    return placed

@@ -24,7 +24,7 @@ from ip2p_jax import memory
 from ip2p_jax.train import sharding
 from ip2p_jax.train.config import TrainConfig
 from ip2p_jax.train.loss import diffusion_loss
-from ip2p_jax.train.models import ModelSet
+from ip2p_jax.train.models import ModelSet, hand_over_weights, keep_shapes_only
 from ip2p_jax.train.optim import (
     ema_decay,
     learning_rate_schedule,
@@ -94,15 +94,14 @@ class Trainer:
         The state takes the weights over: the UNet component keeps only their shapes, so the
         host copy is freed (3.4 GB for SD-1.5, which on a CPU is the same memory the state
         lives in). Call it once per trainer; restoring uses :meth:`abstract_state`."""
-        unet = self.models.unet
-        if any(isinstance(p, jax.ShapeDtypeStruct) for p in jax.tree.leaves(unet.params)):
-            raise RuntimeError("init_state() was called before: its state holds the weights")
         if self.state_shardings is None:
             self.abstract_state()
-        shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), unet.params)
-        memory.move_to_devices(unet, self._param_shardings())
-        params, unet.params = unet.params, shapes
+        params = hand_over_weights(self.models.unet, self._param_shardings())
         return jax.jit(self._fresh_state, out_shardings=self.state_shardings)(params)
+
+    def release_loaded_weights(self) -> None:
+        """After restoring a state: the loaded UNet weights are not needed (their shapes are)."""
+        keep_shapes_only(self.models.unet)
 
     def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         """One optimizer step; returns the new state and scalar metrics."""

@@ -44,7 +44,7 @@ from ip2p_jax.models.vae import DiagonalGaussian
 from ip2p_jax.train import sharding
 from ip2p_jax.train.config import DataConfig, OptimConfig
 from ip2p_jax.train.loop import Task, run, save_grid, trained_component, trained_params
-from ip2p_jax.train.models import init_component
+from ip2p_jax.train.models import hand_over_weights, init_component, keep_shapes_only
 from ip2p_jax.train.optim import make_optimizer
 from ip2p_jax.train.reporting import Reporter
 from ip2p_jax.train.step import TrainState, apply_gradients
@@ -142,8 +142,13 @@ class VAETrainer:
         )
 
     def init_state(self) -> TrainState:
+        """A fresh state; it takes the loaded weights over (the component keeps their shapes)."""
         self.abstract_state()
-        return self.new_state_fn(jax.device_put(self.vae.params, self._placed_params()))
+        return self.new_state_fn(hand_over_weights(self.vae, self._placed_params()))
+
+    def release_loaded_weights(self) -> None:
+        """After restoring a state: the loaded weights are not needed (their shapes are)."""
+        keep_shapes_only(self.vae)
 
     def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         """One optimizer step on the pairs' images; returns the new state and scalar metrics:

@@ -122,3 +122,14 @@ def test_the_state_takes_the_weights_over_and_no_host_copy_stays():
     assert trainer.abstract_state().params["conv_in"]["kernel"].shape == host_kernel.shape
     with pytest.raises(RuntimeError, match="called before"):
         trainer.init_state()
+
+
+def test_a_restored_run_releases_the_loaded_weights():
+    config = micro_config("data")
+    models = load_models(config.model, config.seed)
+    trainer = make_trainer(config, models, make_mesh())
+    abstract = trainer.abstract_state()  # what a checkpoint is restored into
+    trainer.release_loaded_weights()
+    shapes = jax.tree.leaves(models.unet.params)
+    assert shapes and all(isinstance(p, jax.ShapeDtypeStruct) for p in shapes)
+    assert trainer.abstract_state().params.keys() == abstract.params.keys()
