@@ -85,8 +85,7 @@ def hand_over_weights(component: LoadedComponent, shardings: dict) -> dict:
             "these weights were handed over to a train state already (init_state was called "
             "before); restore that state's checkpoint or load the models again"
         )
-    shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), component.params)
     move_to_devices(component, shardings)
     placed = component.params
-    component.params = shapes
+    keep_shapes_only(component)
     return placed
