@@ -242,7 +242,9 @@ def unet_gb(folder: Path) -> float:
 # Peak RSS per side as (multiple of the UNet's fp32 size, GB more), from sd15 (UNet 3.2 GiB)
 # on this 24 GB machine. torch: weights, grads, AdamW's two moments, EMA (5x) + encoders,
 # activations, libraries: 17.8 GB. Ours: the state (4x), the gradients and one leaf of
-# optimizer temporaries (update_leafwise), encoders, libraries: 21.9 GB.
+# optimizer temporaries (update_leafwise), encoders, libraries: 20.7 GB measured (21.9 GB
+# before init_state stopped keeping the frozen encoders' host copies); the guard keeps the
+# older, larger figure as its margin.
 MEMORY_MODEL = {"torch": (5.0, 1.8), "ours": (6.9, 0.0)}
 
 

@@ -139,13 +139,8 @@ def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
     frozen = {
         "vae": models.vae.params,
         "text": text.params,
-        **jax.device_put(
-            {
-                "null_text": null_text,
-                "alphas_cumprod": jnp.asarray(models.schedule.alphas_cumprod()),
-            },
-            replicated,
-        ),
+        "null_text": jax.device_put(null_text, replicated),
+        "alphas_cumprod": jax.device_put(models.schedule.alphas_cumprod(), replicated),
     }
     optimizer = make_optimizer(config.optim, config.steps)
     return Trainer(config, models, mesh, optimizer, frozen)
