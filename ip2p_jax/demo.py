@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ip2p_jax.checkpoint import convert_to_flax, load_component
+from ip2p_jax.compilation import jit
 from ip2p_jax.models.vae import AutoencoderKL
 from ip2p_jax.tokenizer import CLIPTokenizer
 
@@ -47,7 +48,7 @@ def guided_edit(folder: Path, image: Image.Image, instruction: str) -> Image.Ima
     rows = jnp.concatenate([scaled] * 3)
     cond = jnp.concatenate([image_latent, image_latent, jnp.zeros_like(image_latent)])
     context = jnp.stack([states[0], states[1], states[1]])
-    eps = jax.jit(unet.module.apply)(
+    eps = jit(unet.module.apply)(
         {"params": unet.params}, jnp.concatenate([rows, cond], -1), jnp.full((3,), 999.0), context
     )
     c, i, u = eps[0:1], eps[1:2], eps[2:3]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ip2p_jax.checkpoint import load_component
+from ip2p_jax.compilation import jit
 from ip2p_jax.models.vae import AutoencoderKL
 from ip2p_jax.tokenizer import CLIPTokenizer
 
@@ -93,7 +94,7 @@ def compare_unet(
     del reference
     gc.collect()
     ours = load_component(folder, "unet")
-    apply = jax.jit(ours.module.apply)
+    apply = jit(ours.module.apply)
     out = apply(
         {"params": ours.params},
         _nhwc(sample),
@@ -122,8 +123,8 @@ def compare_vae(
     gc.collect()
     ours = load_component(folder, "vae")
     variables = {"params": ours.params}
-    encode = jax.jit(lambda v, x: ours.module.apply(v, x, method=AutoencoderKL.encode))
-    decode = jax.jit(lambda v, z: ours.module.apply(v, z, method=AutoencoderKL.decode))
+    encode = jit(lambda v, x: ours.module.apply(v, x, method=AutoencoderKL.encode))
+    decode = jit(lambda v, z: ours.module.apply(v, z, method=AutoencoderKL.decode))
     got = encode(variables, _nhwc(images))
     out = decode(variables, _nhwc(mean))
     return [
@@ -147,7 +148,7 @@ def compare_text_encoder(
     del reference
     gc.collect()
     ours = load_component(folder, "text_encoder")
-    apply = jax.jit(ours.module.apply, static_argnames="output_hidden_states")
+    apply = jit(ours.module.apply, static_argnames="output_hidden_states")
     out = apply({"params": ours.params}, jnp.asarray(ids), output_hidden_states=True)
     return [
         _compare(

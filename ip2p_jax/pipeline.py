@@ -8,7 +8,6 @@ split over the 'data' axis of a device mesh; params are replicated.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from PIL import Image
 
 from ip2p_jax import memory
 from ip2p_jax.checkpoint import LoadedComponent, load_component, resolve_model
-from ip2p_jax.compilation import enable_compilation_cache
+from ip2p_jax.compilation import enable_compilation_cache, jit
 from ip2p_jax.guidance import guided_denoiser
 from ip2p_jax.images import load_image, target_size, to_model_array, to_pil
 from ip2p_jax.models.vae import AutoencoderKL
@@ -64,7 +63,7 @@ def _report_step(i) -> None:
         _Progress.current.update(i)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+@jit(static_argnums=(0, 1, 2, 3, 4))
 def _sample_latents(
     unet_module,
     sampler: Sampler,
@@ -106,17 +105,17 @@ def _sample_latents(
     )
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jit(static_argnums=0)
 def _encode_text(module, params, ids):
     return module.apply({"params": params}, ids).last_hidden_state
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jit(static_argnums=0)
 def _encode_image(module, params, pixels):
     return module.apply({"params": params}, pixels, method=AutoencoderKL.encode).mode()
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jit(static_argnums=0)
 def _decode(module, params, latents):
     return module.apply({"params": params}, latents, method=AutoencoderKL.decode)
 

@@ -45,6 +45,7 @@ if who == "diffusers":
     result["first_seconds"], result["seconds"] = times
 else:
     import jax
+    from ip2p_jax import compilation
     from ip2p_jax.pipeline import EditPipeline
     pipe = EditPipeline.from_pretrained(folder)
     times = []
@@ -60,7 +61,7 @@ else:
     t = jax.ShapeDtypeStruct((rows * batch,), np.float32)
     c = jax.ShapeDtypeStruct((rows * batch, 77, 768), np.float32)
     apply = lambda p, x, t, c: unet.module.apply({"params": p}, x, t, c)
-    cost = jax.jit(apply).lower(unet.params, x, t, c).compile().cost_analysis()
+    cost = compilation.jit(apply).lower(unet.params, x, t, c).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     result["unet_flops"] = float(cost["flops"])
 result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

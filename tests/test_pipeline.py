@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ip2p_jax.compilation import jit
 from ip2p_jax.guidance import guided_denoiser
 from ip2p_jax.images import ImageError
 from ip2p_jax.pipeline import TRACES, EditPipeline
@@ -55,9 +56,11 @@ def test_two_rows_at_image_scale_one_give_the_same_eps(pipe):
         text_scale=jnp.asarray([7.5, 3.0]),
         image_scale=jnp.ones(2),
     )
-    three = guided_denoiser(apply, three_rows=True, **common)(x, jnp.asarray(500.0))
-    two = guided_denoiser(apply, three_rows=False, **common)(x, jnp.asarray(500.0))
-    np.testing.assert_allclose(np.asarray(two), np.asarray(three), atol=2e-6)
+    # compiled as the pipeline compiles them; the rows' convolutions differ in batch size, so
+    # they round differently, and s_T = 7.5 scales that up to a few 1e-6
+    three = jit(guided_denoiser(apply, three_rows=True, **common))(x, jnp.asarray(500.0))
+    two = jit(guided_denoiser(apply, three_rows=False, **common))(x, jnp.asarray(500.0))
+    np.testing.assert_allclose(np.asarray(two), np.asarray(three), atol=1e-5)
 
 
 def test_image_scale_one_edits_equal_the_three_row_result(pipe, scene, monkeypatch):

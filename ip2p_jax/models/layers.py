@@ -42,12 +42,12 @@ def layer_norm(epsilon: float, name: str) -> nn.LayerNorm:
 
 
 # On the CPU, a convolution whose output has at most this many rows (batch x positions) runs
-# as one matmul over gathered patches (im2col): XLA's CPU convolution drops to 30-90 GFLOP/s
-# on SD's 8x8 and 4x4 levels at the 3 guidance rows, where the matmul holds 145-180. With more
-# rows the native convolution is the faster one, forward (scripts/bench_conv.py: 32x32 at 3
-# rows) and forward + backward (a training batch of 32 at 16x16 and 8x8: 1.2-1.9x). Other
-# backends keep their native convolution.
-PATCHES_MAX_ROWS = 768
+# as one matmul over gathered patches (im2col). Under compilation.CPU_COMPILER_OPTIONS (XLA's
+# own convolution) that only pays at SD's 4x4 level with one image: 1280->1280 at 3 guidance
+# rows runs at 88 GFLOP/s native and 123 as a matmul; from the 8x8 level (192 rows) up the
+# native convolution is as fast or faster (scripts/bench_conv.py). Other backends keep their
+# native convolution.
+PATCHES_MAX_ROWS = 64
 
 
 class Conv2d(nn.Module):

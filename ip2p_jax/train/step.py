@@ -21,6 +21,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from ip2p_jax import memory
+from ip2p_jax.compilation import jit
 from ip2p_jax.train import sharding
 from ip2p_jax.train.config import TrainConfig
 from ip2p_jax.train.loss import diffusion_loss
@@ -78,7 +79,7 @@ class Trainer:
             self.models.unet.params,
             self._param_shardings(),
         )
-        make = jax.jit(self._fresh_state)
+        make = jit(self._fresh_state)
         shapes = jax.eval_shape(make, params)
         layout = make.lower(params).compile().output_shardings
         self.state_shardings = layout
@@ -97,7 +98,7 @@ class Trainer:
         if self.state_shardings is None:
             self.abstract_state()
         params = hand_over_weights(self.models.unet, self._param_shardings())
-        return jax.jit(self._fresh_state, out_shardings=self.state_shardings)(params)
+        return jit(self._fresh_state, out_shardings=self.state_shardings)(params)
 
     def release_loaded_weights(self) -> None:
         """After restoring a state: the loaded UNet weights are not needed (their shapes are)."""
@@ -108,7 +109,7 @@ class Trainer:
         if self.step_fn is None:
             if self.state_shardings is None:
                 self.abstract_state()
-            self.step_fn = jax.jit(
+            self.step_fn = jit(
                 functools.partial(_train_step, self),
                 in_shardings=(self.state_shardings, None, sharding.batch_sharding(self.mesh)),
                 out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),

@@ -38,6 +38,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from ip2p_jax.checkpoint import LoadedComponent, load_component, resolve_model
+from ip2p_jax.compilation import jit
 from ip2p_jax.data.edit_pairs import EditPairSource
 from ip2p_jax.images import decode_png, to_model_array, to_pil
 from ip2p_jax.models.vae import DiagonalGaussian
@@ -133,7 +134,7 @@ class VAETrainer:
                 self.vae.params,
                 self._placed_params(),
             )
-            self.new_state_fn = jax.jit(self._new_state).lower(inputs).compile()
+            self.new_state_fn = jit(self._new_state).lower(inputs).compile()
             self.state_shardings = self.new_state_fn.output_shardings
         return jax.tree.map(
             lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
@@ -155,7 +156,7 @@ class VAETrainer:
         loss, reconstruction, kl, grad_norm, learning_rate."""
         if self.step_fn is None:
             self.abstract_state()
-            self.step_fn = jax.jit(
+            self.step_fn = jit(
                 functools.partial(_vae_step, self),
                 in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh)),
                 out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
@@ -167,7 +168,7 @@ class VAETrainer:
         """Images [B, H, W, C] in [-1, 1] -> (unscaled latent samples, reconstructions through
         the posterior mode), a training step's worth of images at a time."""
         if self.autoencode_fn is None:
-            self.autoencode_fn = jax.jit(functools.partial(_autoencode, self.vae.module))
+            self.autoencode_fn = jit(functools.partial(_autoencode, self.vae.module))
         key = jax.random.key(self.config.seed)
         chunk = 2 * self.config.batch_size
         parts = [
