@@ -1,0 +1,109 @@
+"""Scoring edits against the ground truth: the true after-image passes, the untouched input
+and wrong edits fail, colour noise is forgiven."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from ip2p_jax.worlds import shapes as S
+from ip2p_jax.worlds.shapes.score import (
+    BLENDED,
+    PALETTE_NAMES,
+    PSNR_CAP,
+    colour_labels,
+    score_edit,
+    summarize,
+)
+from tests.worlds.conftest import records
+
+SIZE = 64
+
+
+def heldout_by_kind() -> list[S.EditRecord]:
+    """Three held-out records of every edit kind."""
+    picked: dict[str, list[S.EditRecord]] = {kind: [] for kind in S.EDIT_KINDS}
+    for record in records("heldout", 600):
+        if len(picked[record.edit.kind]) < 3:
+            picked[record.edit.kind].append(record)
+    assert all(len(found) == 3 for found in picked.values()), picked
+    return [record for found in picked.values() for record in found]
+
+
+CASES = heldout_by_kind()
+
+
+def test_labels_are_the_rendered_colours_away_from_edges():
+    for record in CASES[:6]:
+        labels = colour_labels(record.after, SIZE)
+        image = S.render(record.after, SIZE)
+        pure = labels != BLENDED
+        palette = np.asarray([S.COLOURS[name] for name in PALETTE_NAMES])
+        assert np.array_equal(image[pure], palette[labels[pure]])
+        assert pure.mean() > 0.8  # edges are a thin share of the image
+
+
+@pytest.mark.parametrize("record", CASES, ids=lambda r: f"{r.edit.kind}-{r.key}")
+def test_the_true_after_image_succeeds_and_the_input_fails(record):
+    truth = score_edit(S.render(record.after, SIZE), record.before, record.after)
+    assert truth.success and truth.changed_agreement == 1.0 and truth.kept_agreement == 1.0
+    assert truth.psnr == PSNR_CAP and truth.l1 == 0.0
+    unedited = score_edit(S.render(record.before, SIZE), record.before, record.after)
+    assert not unedited.success and unedited.changed_agreement == 0.0
+    assert unedited.psnr < truth.psnr
+
+
+def test_colour_noise_is_forgiven_but_lowers_psnr():
+    rng = np.random.default_rng(0)
+    for record in CASES:
+        image = S.render(record.after, SIZE).astype(float) + rng.normal(0, 8, (SIZE, SIZE, 3))
+        score = score_edit(np.clip(image, 0, 255).astype(np.uint8), record.before, record.after)
+        assert score.success, record.key
+        assert 25 < score.psnr < 40 and score.l1 > 0
+
+
+def test_a_wrong_colour_or_a_change_elsewhere_fails():
+    recolours = [r for r in CASES if r.edit.kind == "recolour"]
+    for record in recolours:
+        target = record.after.shapes[record.edit.target]
+        wrong = next(
+            c for c in PALETTE_NAMES if c not in (target.colour, *record.before.background_colours)
+        )
+        shapes = list(record.after.shapes)
+        shapes[record.edit.target] = dataclasses.replace(target, colour=wrong)
+        mistaken = dataclasses.replace(record.after, shapes=tuple(shapes))
+        score = score_edit(S.render(mistaken, SIZE), record.before, record.after)
+        assert not score.success and score.changed_agreement < 0.5
+    # the right edit, plus a large black square where the scene had only background
+    spots = [(x, y) for x in (0.2, 0.5, 0.8) for y in (0.2, 0.5, 0.8)]
+    spoiled = [
+        (record, dataclasses.replace(record.after, shapes=(*record.after.shapes, stray)))
+        for record in CASES
+        for stray in (S.Shape("square", "black", "large", x, y) for x, y in spots)
+        if "black" not in record.after.background_colours
+    ]
+    spoiled = [(record, scene) for record, scene in spoiled if not S.scene_problems(scene)]
+    assert len(spoiled) >= 5
+    for record, scene in spoiled[:5]:
+        score = score_edit(S.render(scene, SIZE), record.before, record.after)
+        assert score.changed_agreement == 1.0 and not score.success
+
+
+def test_summary_counts_per_kind_and_overall():
+    truth = [(r.edit.kind, score_edit(S.render(r.after, SIZE), r.before, r.after)) for r in CASES]
+    before = [(r.edit.kind, score_edit(S.render(r.before, SIZE), r.before, r.after)) for r in CASES]
+    table = summarize(truth[:9] + before[9:])
+    assert list(table)[-1] == "overall"
+    assert table["overall"]["count"] == len(CASES)
+    assert table["overall"]["success"] == pytest.approx(9 / len(CASES))
+    assert set(table) == {*S.EDIT_KINDS, "overall"}
+
+
+def test_a_non_square_image_and_a_no_op_edit_are_refused():
+    record = CASES[0]
+    with pytest.raises(ValueError, match=r"square RGB image .* \(64, 32, 3\)"):
+        score_edit(np.zeros((64, 32, 3), np.uint8), record.before, record.after)
+    with pytest.raises(ValueError, match="render the same at 64 px"):
+        score_edit(S.render(record.before, SIZE), record.before, record.before)
