@@ -1,4 +1,4 @@
-"""The ``ip2p`` command: edit, grid, convert, export, parity, datagen, demo."""
+"""The ``ip2p`` command: edit, grid, eval, convert, export, parity, datagen, demo."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+# ip2p_jax.samplers.SAMPLERS' names, written out: importing it would load JAX for --help.
+SAMPLER_NAMES = ("euler_ancestral", "euler", "ddim", "dpmpp_2m")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -132,6 +135,34 @@ def _grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_shapes(args: argparse.Namespace) -> int:
+    from ip2p_jax.evaluation.shapes import evaluate_shapes, format_table, write_report
+    from ip2p_jax.pipeline import EditPipeline
+
+    options = {
+        "steps": args.steps,
+        "text_scale": args.text_scale,
+        "image_scale": args.image_scale,
+        "sampler": args.sampler,
+    }
+    pipe = EditPipeline.from_pretrained(args.model)
+    table, results = evaluate_shapes(
+        pipe,
+        num=args.num,
+        split=args.split,
+        seed=args.seed,
+        size=args.size,
+        batch_size=args.batch_size,
+        **options,
+    )
+    print(format_table(table))
+    if args.json:
+        settings = {"model": str(args.model), "num": args.num, "split": args.split, **options}
+        write_report(args.json, table, results, {**settings, "seed": args.seed})
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _scales(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
@@ -142,7 +173,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sampler",
         default="euler_ancestral",
-        choices=["euler_ancestral", "euler", "ddim", "dpmpp_2m"],
+        choices=SAMPLER_NAMES,
     )
     parser.add_argument("--resolution", type=int, default=512, help="long side, pixels")
     parser.add_argument("--negative-prompt", default="")
@@ -362,6 +393,28 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--text-scales", type=_scales, default=[3.0, 5.0, 7.5, 10.0])
     grid.add_argument("--image-scales", type=_scales, default=[1.0, 1.2, 1.5, 2.0])
     grid.set_defaults(run=_grid)
+
+    evaluate = commands.add_parser("eval", help="score edit quality")
+    worlds = evaluate.add_subparsers(dest="world", required=True)
+    shapes = worlds.add_parser(
+        "shapes", help="the shapes world's held-out edits, scored against the exact truth"
+    )
+    shapes.add_argument("--model", required=True, help="model folder or checkpoint")
+    shapes.add_argument("--num", type=int, default=200, help="examples")
+    shapes.add_argument("--split", default="heldout", choices=["heldout", "validation", "train"])
+    shapes.add_argument("--size", type=int, default=64, help="image side, pixels")
+    shapes.add_argument("--steps", type=int, default=20)
+    shapes.add_argument("--text-scale", type=float, default=7.5, help="s_T")
+    shapes.add_argument("--image-scale", type=float, default=1.5, help="s_I")
+    shapes.add_argument(
+        "--sampler",
+        default="euler_ancestral",
+        choices=SAMPLER_NAMES,
+    )
+    shapes.add_argument("--batch-size", type=int, default=16)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--json", type=Path, help="also write the table and every score here")
+    shapes.set_defaults(run=_eval_shapes)
 
     _add_datagen_parser(commands)
     _add_training_parser(commands, "train", "unet", "train an InstructPix2Pix model")

@@ -131,3 +131,10 @@ def test_parity_pipeline_flag_compares_whole_edits(tiny_folder, capsys):
     pipeline_rows = [r for r in rows if r["component"] == "pipeline"]
     assert {r["output"] for r in pipeline_rows} == {"euler_ancestral", "euler", "ddim"}
     assert all(r["metric"] == "mean" and r["mean_abs_error"] < 1 / 255 for r in pipeline_rows), rows
+
+
+def test_the_cli_offers_every_sampler():
+    from ip2p_jax.cli import SAMPLER_NAMES
+    from ip2p_jax.samplers import SAMPLERS
+
+    assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)

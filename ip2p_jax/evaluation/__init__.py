@@ -1,0 +1,1 @@
+"""Edit-quality evaluation: the shapes world's exact score (``shapes``)."""
