@@ -14,11 +14,11 @@ import jax
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ip2p_jax" / "xla"
 
-# XLA:CPU hands dots and convolutions to YNNPACK by default. YNNPACK splits a convolution over
-# the cores by blocks of 64 output channels, and SD's 320 channels (5 blocks) leave two cores
-# unevenly loaded: 160-165 GFLOP/s at the 32x32 level, where XLA's own (Eigen) convolution
-# reaches 195-215 and torch's oneDNN 220-230. An empty fusion-type list turns YNNPACK off for
-# the programs compiled with these options only (scripts/bench_conv.py shows both).
+# XLA:CPU hands dots and convolutions to YNNPACK by default. YNNPACK seems to split a
+# convolution over the cores by blocks of 64 output channels, and SD's 320 channels (5 blocks)
+# leave two cores unevenly loaded: 160-165 GFLOP/s at the 32x32 level, where XLA's own (Eigen)
+# convolution reaches 195-215 and torch's oneDNN 220-230. An empty fusion-type list turns
+# YNNPACK off for the programs compiled with these options only (scripts/bench_conv.py).
 CPU_COMPILER_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
