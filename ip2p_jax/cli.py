@@ -157,8 +157,8 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     )
     print(format_table(table))
     if args.json:
-        settings = {"model": str(args.model), "num": args.num, "split": args.split, **options}
-        write_report(args.json, table, results, {**settings, "seed": args.seed})
+        settings = {"model": str(args.model), "num": args.num, "split": args.split}
+        write_report(args.json, table, results, {**settings, "seed": args.seed, **options})
         print(f"wrote {args.json}")
     return 0
 
@@ -167,14 +167,14 @@ def _scales(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+def _add_sampler_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sampler", default="euler_ancestral", choices=SAMPLER_NAMES)
+
+
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder, hub id or checkpoint")
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument(
-        "--sampler",
-        default="euler_ancestral",
-        choices=SAMPLER_NAMES,
-    )
+    _add_sampler_argument(parser)
     parser.add_argument("--resolution", type=int, default=512, help="long side, pixels")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--seed", type=int, default=0)
@@ -406,11 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--steps", type=int, default=20)
     shapes.add_argument("--text-scale", type=float, default=7.5, help="s_T")
     shapes.add_argument("--image-scale", type=float, default=1.5, help="s_I")
-    shapes.add_argument(
-        "--sampler",
-        default="euler_ancestral",
-        choices=SAMPLER_NAMES,
-    )
+    _add_sampler_argument(shapes)
     shapes.add_argument("--batch-size", type=int, default=16)
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--json", type=Path, help="also write the table and every score here")
