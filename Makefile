@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed-stamp
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup test test-fast demo lint clean train-shapes
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: setup browser test test-fast demo app lint clean train-shapes ship-shapes
 
 setup: $(STAMP)
 
@@ -14,10 +16,20 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[torch,dev]" "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[torch,app,eval,dev]" "$(TORCH)"
 	touch $(STAMP)
 
-test: setup
+# The web app's browser test drives Debian's Chromium (installed as root, or by hand).
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else \
+		echo "tests/test_app.py needs $(CHROMIUM): sudo apt-get install chromium"; exit 1; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest -q
 
 test-fast: setup
@@ -25,6 +37,9 @@ test-fast: setup
 
 demo: setup
 	$(PY) -m ip2p_jax.cli demo
+
+app: setup
+	$(PY) -m ip2p_jax.cli app
 
 # The shapes world end to end: data, the VAE, then the editing model (long on a CPU;
 # SHAPES_STEPS / VAE_STEPS shorten it, e.g. make train-shapes VAE_STEPS=300 SHAPES_STEPS=500).
@@ -39,6 +54,11 @@ train-shapes: setup
 	$(PY) -m ip2p_jax.cli train --config configs/shapes_tiny.py --workdir $(RUNS)/shapes_tiny \
 		--resume --config.data.path=$(SHAPES_DIR) --config.steps=$(SHAPES_STEPS) \
 		--config.model.vae_from=$(RUNS)/shapes_vae/vae_model
+
+# The trained shapes model -> the package's bundled model (diffusers layout, float16).
+ship-shapes: setup
+	$(PY) -m ip2p_jax.cli export $(RUNS)/shapes_tiny/model ip2p_jax/assets/shapes_model \
+		--dtype float16 --overwrite
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -327,10 +327,15 @@ def write_checkpoint(
 
 
 def export_diffusers(
-    source: str | os.PathLike, destination: str | os.PathLike, *, overwrite: bool = False
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    dtype: str | None = None,
 ) -> Path:
     """Our checkpoint -> a diffusers folder (safetensors, PyTorch layout), written atomically.
 
+    ``dtype`` (``"float16"``, ...) casts the stored weights; None keeps them as they are.
     ``StableDiffusionInstructPix2PixPipeline.from_pretrained(destination)`` loads it.
     """
     source = resolve_model(source)
@@ -338,7 +343,7 @@ def export_diffusers(
     unet_channels = 4
     with atomic_folder(destination, overwrite) as staging:
         for name, component in COMPONENTS.items():
-            loaded = load_component(source, name, dtype=None)
+            loaded = load_component(source, name, dtype=dtype)
             state = params_to_state_dict(loaded.params, component.torch_prefix)
             weights = staging / name / f"{component.weights_stem}.safetensors"
             write_safetensors(weights, state, {"format": "pt"})

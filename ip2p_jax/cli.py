@@ -1,4 +1,4 @@
-"""The ``ip2p`` command: edit, grid, eval, convert, export, parity, datagen, demo."""
+"""The ``ip2p`` command: edit, grid, eval, app, convert, export, parity, datagen, demo."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from ip2p_jax.shipped import SHAPES_RESOLUTION, SHAPES_STEPS, shipped_model
 
 # ip2p_jax.samplers.SAMPLERS' names, written out: importing it would load JAX for --help.
 SAMPLER_NAMES = ("euler_ancestral", "euler", "ddim", "dpmpp_2m")
@@ -32,7 +34,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from ip2p_jax.checkpoint import export_diffusers
 
-    out = export_diffusers(args.checkpoint, args.out, overwrite=args.overwrite)
+    out = export_diffusers(args.checkpoint, args.out, overwrite=args.overwrite, dtype=args.dtype)
     print(f"wrote diffusers folder {out}")
     return 0
 
@@ -100,6 +102,7 @@ def _edit(args: argparse.Namespace) -> int:
                 args.image_scale,
             )
         ]
+    _fill_model_defaults(args)
     pipe = EditPipeline.from_pretrained(args.model)
     edited, skipped = run_jobs(
         pipe,
@@ -119,6 +122,7 @@ def _grid(args: argparse.Namespace) -> int:
     from ip2p_jax.pipeline import EditPipeline
 
     image = load_image(args.image)
+    _fill_model_defaults(args)
     pipe = EditPipeline.from_pretrained(args.model)
     sheet = scale_grid(
         pipe,
@@ -145,6 +149,7 @@ def _eval_shapes(args: argparse.Namespace) -> int:
         "image_scale": args.image_scale,
         "sampler": args.sampler,
     }
+    _fill_model_defaults(args)
     pipe = EditPipeline.from_pretrained(args.model)
     table, results = evaluate_shapes(
         pipe,
@@ -171,19 +176,59 @@ def _add_sampler_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="euler_ancestral", choices=SAMPLER_NAMES)
 
 
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", help="model folder, hub id or checkpoint (default: the bundled shapes model)"
+    )
+
+
+def _fill_model_defaults(args: argparse.Namespace) -> None:
+    """No --model: the bundled shapes model, at its resolution and step count unless given.
+    With a model: 100 steps at 512 px, the reference's defaults."""
+    shipped = args.model is None
+    if shipped:
+        args.model = shipped_model()
+    if getattr(args, "steps", 0) is None:
+        args.steps = SHAPES_STEPS if shipped else 100
+    if getattr(args, "resolution", 0) is None:
+        args.resolution = SHAPES_RESOLUTION if shipped else 512
+
+
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder, hub id or checkpoint")
-    parser.add_argument("--steps", type=int, default=100)
+    _add_model_argument(parser)
+    parser.add_argument(
+        "--steps", type=int, help="sampling steps (default: 100; 20 for the shapes model)"
+    )
     _add_sampler_argument(parser)
-    parser.add_argument("--resolution", type=int, default=512, help="long side, pixels")
+    parser.add_argument(
+        "--resolution", type=int, help="long side, pixels (default: 512; 64 for the shapes model)"
+    )
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.random_weights:
+        from ip2p_jax.random_demo import run_random_demo
+
+        return run_random_demo(Path(args.out), preset=args.preset)
     from ip2p_jax.demo import run_demo
 
-    return run_demo(Path(args.out), preset=args.preset)
+    return run_demo(Path(args.out), model=args.model, steps=args.steps, seed=args.seed)
+
+
+def _app(args: argparse.Namespace) -> int:
+    from ip2p_jax.app import launch_app
+
+    launch_app(
+        args.model,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        resolution=args.resolution,
+        steps=args.steps,
+    )
+    return 0
 
 
 def _datagen_shapes(args: argparse.Namespace) -> int:
@@ -347,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="ip2p-jax checkpoint folder")
     export.add_argument("out", type=Path, help="diffusers folder to write")
     export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    export.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="cast the stored weights (default: keep the checkpoint's dtype)",
+    )
     export.set_defaults(run=_export)
 
     parity = commands.add_parser(
@@ -399,11 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     shapes = worlds.add_parser(
         "shapes", help="the shapes world's held-out edits, scored against the exact truth"
     )
-    shapes.add_argument("--model", required=True, help="model folder or checkpoint")
+    _add_model_argument(shapes)
     shapes.add_argument("--num", type=int, default=200, help="examples")
     shapes.add_argument("--split", default="heldout", choices=["heldout", "validation", "train"])
     shapes.add_argument("--size", type=int, default=64, help="image side, pixels")
-    shapes.add_argument("--steps", type=int, default=20)
+    shapes.add_argument("--steps", type=int, default=SHAPES_STEPS)
     shapes.add_argument("--text-scale", type=float, default=7.5, help="s_T")
     shapes.add_argument("--image-scale", type=float, default=1.5, help="s_I")
     _add_sampler_argument(shapes)
@@ -412,13 +462,34 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--json", type=Path, help="also write the table and every score here")
     shapes.set_defaults(run=_eval_shapes)
 
+    app = commands.add_parser("app", help="a web page (Gradio) to edit images by instruction")
+    _add_model_argument(app)
+    app.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines")
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--share", action="store_true", help="a public gradio.live link")
+    app.add_argument("--resolution", type=int, help="long side (default: the model's)")
+    app.add_argument("--steps", type=int, help="default steps (default: the model's)")
+    app.set_defaults(run=_app)
+
     _add_datagen_parser(commands)
     _add_training_parser(commands, "train", "unet", "train an InstructPix2Pix model")
     _add_training_parser(commands, "train-vae", "vae", "train the VAE on edit-pair images")
 
-    demo = commands.add_parser("demo", help="build a random-weight model, convert, check parity")
+    demo = commands.add_parser(
+        "demo", help="the bundled shapes model edits the bundled example scenes -> a grid PNG"
+    )
     demo.add_argument("--out", default="out/demo", help="where the demo writes")
-    demo.add_argument("--preset", default="tiny", choices=["tiny", "tiny-sd2", "sd15"])
+    demo.add_argument("--model", help="another model folder (default: the bundled shapes model)")
+    demo.add_argument("--steps", type=int, help="sampling steps (default: the shapes model's)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="instead: build a random-weight model with diffusers, convert it, check parity",
+    )
+    demo.add_argument(
+        "--preset", default="tiny", choices=["tiny", "tiny-sd2", "sd15"], help="--random-weights"
+    )
     demo.set_defaults(run=_demo)
     return parser
 

@@ -1,89 +1,129 @@
-"""``make demo`` until the trained shapes model ships: build, convert, check, run.
+"""``make demo``: the bundled shapes model edits the bundled example scenes.
 
-With no downloads, it builds a random-weight InstructPix2Pix folder with the PyTorch classes,
-converts it into our checkpoint, proves the Flax components equal the PyTorch ones, and runs
-one guided denoising pass on a drawn scene. The weights are random, so the "edited" image is
-noise: the demo shows the machinery, not an edit.
+Each scene of ip2p_jax/assets/demo/scenes.json is edited with each of its instructions; the
+edits are scored against the exact after-scenes (worlds.shapes.score) and laid out as one
+PNG: per scene, a row of the input and the model's edits (the instruction under each), and a
+row of the true after-scenes.
 """
 
 from __future__ import annotations
 
-import time
+import json
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-from ip2p_jax.checkpoint import convert_to_flax, load_component
-from ip2p_jax.compilation import jit
-from ip2p_jax.models.vae import AutoencoderKL
-from ip2p_jax.tokenizer import CLIPTokenizer
+from ip2p_jax.worlds.shapes import Edit, Scene, apply_edit, render
+from ip2p_jax.worlds.shapes.score import EditScore, score_edit
 
-SIDE = {"tiny": 64, "tiny-sd2": 64, "sd15": 256}
-
-
-def draw_scene(side: int) -> Image.Image:
-    """A red circle and a blue square on grey: the kind of scene the shapes world renders."""
-    image = Image.new("RGB", (side, side), (200, 200, 200))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse([side * 0.1, side * 0.2, side * 0.45, side * 0.55], fill=(220, 30, 30))
-    draw.rectangle([side * 0.55, side * 0.5, side * 0.9, side * 0.85], fill=(30, 60, 220))
-    return image
+DEMO_SCENES = Path(__file__).with_name("assets") / "demo" / "scenes.json"
+CELL = 128  # pixels per image in the grid (64 px scenes, shown at 2x)
+CAPTION_LINES = 3
+LINE_HEIGHT = 12
+CHARS_PER_LINE = 21  # Pillow's default bitmap font is 6 px wide
 
 
-def guided_edit(folder: Path, image: Image.Image, instruction: str) -> Image.Image:
-    """One InstructPix2Pix denoising pass at the last timestep, with two-condition guidance
-    (rows: text+image, null text+image, null text+zero image; s_T = 7.5, s_I = 1.5)."""
-    unet, vae, text = (load_component(folder, n) for n in ("unet", "vae", "text_encoder"))
-    tokens = CLIPTokenizer.from_folder(folder / "tokenizer")([instruction, ""])
-    states = text.module.apply({"params": text.params}, jnp.asarray(tokens)).last_hidden_state
-    pixels = jnp.asarray(np.asarray(image, np.float32)[None] / 127.5 - 1.0)
-    vae_vars = {"params": vae.params}
-    image_latent = vae.module.apply(vae_vars, pixels, method=AutoencoderKL.encode).mode()
-    noise = jax.random.normal(jax.random.key(0), image_latent.shape)
-    sigma = 14.6  # the largest sigma of SD's scaled_linear schedule: the pure-noise end
-    scaled = noise * sigma / jnp.sqrt(sigma**2 + 1)  # the k-diffusion input scaling c_in
-    rows = jnp.concatenate([scaled] * 3)
-    cond = jnp.concatenate([image_latent, image_latent, jnp.zeros_like(image_latent)])
-    context = jnp.stack([states[0], states[1], states[1]])
-    eps = jit(unet.module.apply)(
-        {"params": unet.params}, jnp.concatenate([rows, cond], -1), jnp.full((3,), 999.0), context
+@dataclass(frozen=True)
+class DemoEdit:
+    scene_index: int
+    before: Scene
+    instruction: str
+    after: Scene
+
+
+def load_demo_edits(path: Path = DEMO_SCENES) -> list[DemoEdit]:
+    """Every (scene, instruction) of the bundled file, with its true after-scene."""
+    entries = json.loads(Path(path).read_text())
+    edits = []
+    for index, entry in enumerate(entries):
+        before = Scene.from_dict(entry["scene"])
+        for item in entry["edits"]:
+            after = apply_edit(before, Edit.from_dict(item["edit"]))
+            edits.append(DemoEdit(index, before, item["instruction"], after))
+    return edits
+
+
+def _cell(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray(pixels).resize((CELL, CELL), Image.NEAREST)
+
+
+def _caption(draw: ImageDraw.ImageDraw, x: int, y: int, text: str, ok: bool | None) -> None:
+    lines = textwrap.wrap(text, CHARS_PER_LINE)[:CAPTION_LINES]
+    colour = {None: (0, 0, 0), True: (0, 110, 0), False: (180, 0, 0)}[ok]
+    font = ImageFont.load_default()
+    for k, line in enumerate(lines):
+        draw.text((x + 2, y + 1 + k * LINE_HEIGHT), line, fill=colour, font=font)
+
+
+def demo_grid(
+    edits: list[DemoEdit], outputs: list[Image.Image], scores: list[EditScore], size: int
+) -> Image.Image:
+    """Per scene: input and edits over their instructions (green: scored a success, red: not),
+    then a row of the true results."""
+    scenes = sorted({e.scene_index for e in edits})
+    columns = 1 + max(sum(e.scene_index == s for e in edits) for s in scenes)
+    caption = CAPTION_LINES * LINE_HEIGHT + 2
+    band = 2 * CELL + caption + 8
+    sheet = Image.new("RGB", (columns * CELL, len(scenes) * band), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for row, scene in enumerate(scenes):
+        top = row * band
+        group = [
+            (e, o, s)
+            for e, o, s in zip(edits, outputs, scores, strict=True)
+            if e.scene_index == scene
+        ]
+        sheet.paste(_cell(render(group[0][0].before, size)), (0, top))
+        _caption(draw, 0, top + CELL, "input", None)
+        _caption(draw, 0, top + CELL + caption, "true result ->", None)
+        for col, (edit, output, score) in enumerate(group, start=1):
+            sheet.paste(_cell(np.asarray(output.convert("RGB"))), (col * CELL, top))
+            _caption(draw, col * CELL, top + CELL, edit.instruction, score.success)
+            truth = render(edit.after, size)
+            sheet.paste(_cell(truth), (col * CELL, top + CELL + caption))
+    return sheet
+
+
+def run_demo(
+    out: Path,
+    *,
+    model: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+) -> int:
+    """Edits the bundled scenes with the bundled (or given) model; writes and prints the grid."""
+    from ip2p_jax.pipeline import EditPipeline
+    from ip2p_jax.shipped import SHAPES_RESOLUTION, SHAPES_STEPS, shipped_model
+
+    edits = load_demo_edits()
+    folder = model or shipped_model()
+    print(
+        f"editing {len(edits)} instructions on {len(set(e.scene_index for e in edits))} "
+        f"bundled scenes with {folder}"
     )
-    c, i, u = eps[0:1], eps[1:2], eps[2:3]
-    guided = u + 1.5 * (i - u) + 7.5 * (c - i)
-    latent = (noise * sigma - sigma * guided) / vae.config.scaling_factor
-    decoded = vae.module.apply(vae_vars, latent, method=AutoencoderKL.decode)
-    return Image.fromarray(np.asarray((jnp.clip(decoded[0], -1, 1) + 1) * 127.5, np.uint8))
-
-
-def run_demo(out: Path, preset: str = "tiny") -> int:
-    """Runs the demo into ``out``; returns an exit status."""
-    from ip2p_jax.parity import format_table, run_parity
-    from ip2p_jax.reference_models import build_pipeline_folder
-
+    pipe = EditPipeline.from_pretrained(folder)
+    size = SHAPES_RESOLUTION
+    outputs = pipe.edit(
+        [Image.fromarray(render(e.before, size)) for e in edits],
+        [e.instruction for e in edits],
+        steps=steps or SHAPES_STEPS,
+        seed=seed,
+        resolution=size,
+    )
+    scores = [
+        score_edit(np.asarray(o.convert("RGB")), e.before, e.after)
+        for o, e in zip(outputs, edits, strict=True)
+    ]
+    for edit, score in zip(edits, scores, strict=True):
+        verdict = "ok  " if score.success else "MISS"
+        print(f"  {verdict} {edit.instruction:<45} PSNR {score.psnr:5.1f} dB")
+    succeeded = sum(s.success for s in scores)
+    print(f"{succeeded}/{len(scores)} edits match the true result (worlds.shapes.score)")
     out.mkdir(parents=True, exist_ok=True)
-    source, checkpoint = out / f"{preset}-diffusers", out / f"{preset}-flax"
-    print(f"NOTE: no trained model ships yet; this demo uses RANDOM weights ({preset} preset).")
-    if not (source / "model_index.json").is_file():
-        print(f"building a random-weight InstructPix2Pix folder with diffusers -> {source}")
-        build_pipeline_folder(source, preset)
-    start = time.perf_counter()
-    convert_to_flax(source, checkpoint, overwrite=True)
-    print(f"converted to the Flax checkpoint {checkpoint} in {time.perf_counter() - start:.1f} s")
-    print("parity of our Flax components against diffusers/transformers (fp32):")
-    results = run_parity(
-        source, resolution=SIDE[preset], tolerance=1e-4 if preset != "sd15" else 1e-3
-    )
-    print(format_table(results))
-    scene = draw_scene(SIDE[preset])
-    scene.save(out / "scene.png")
-    edited = guided_edit(checkpoint, scene, "turn the circle blue")
-    grid = Image.new("RGB", (scene.width * 2, scene.height))
-    grid.paste(scene, (0, 0))
-    grid.paste(edited, (scene.width, 0))
     path = out / "demo_grid.png"
-    grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(path)
-    print(f"input | one guided pass with random weights (noise, as expected): {path}")
-    return 0 if all(r.passed for r in results) else 1
+    demo_grid(edits, outputs, scores, size).save(path)
+    print(f"wrote the before/after grid: {path}")
+    return 0

@@ -23,6 +23,16 @@ def test_convert_then_export_through_the_cli(tiny_folder, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_export_casts_the_weights_to_float16(tiny_folder, tmp_path):
+    flax_dir, half = tmp_path / "flax", tmp_path / "half"
+    assert main(["convert", str(tiny_folder), str(flax_dir)]) == 0
+    assert main(["export", str(flax_dir), str(half), "--dtype", "float16"]) == 0
+    original = safetensors.numpy.load_file(tiny_folder / "unet/diffusion_pytorch_model.safetensors")
+    exported = safetensors.numpy.load_file(half / "unet/diffusion_pytorch_model.safetensors")
+    assert {a.dtype for a in exported.values()} == {np.dtype(np.float16)}
+    assert all(np.array_equal(original[k].astype(np.float16), exported[k]) for k in original)
+
+
 def test_parity_json_reports_every_output(tiny_folder, capsys):
     assert main(["parity", str(tiny_folder), "--resolution", "64", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -32,8 +42,8 @@ def test_parity_json_reports_every_output(tiny_folder, capsys):
     assert all(r["passed"] and r["max_abs_error"] < 1e-4 for r in rows)
 
 
-def test_demo_writes_a_grid_and_passes_parity(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+def test_random_weights_demo_writes_a_grid_and_passes_parity(tmp_path, capsys):
+    assert main(["demo", "--random-weights", "--out", str(tmp_path)]) == 0
     grid = Image.open(tmp_path / "demo_grid.png")
     assert grid.size == (64 * 2 * 4, 64 * 4)
     out = capsys.readouterr().out
