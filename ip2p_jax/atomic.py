@@ -33,16 +33,21 @@ def atomic_folder(destination: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Writes ``text`` to a sibling temporary file, then renames it over ``path``."""
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes ``data`` to a sibling temporary file, then renames it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as fp:
-            fp.write(text)
+        with os.fdopen(fd, "wb") as fp:
+            fp.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Writes ``text`` (UTF-8) to a sibling temporary file, then renames it over ``path``."""
+    return write_bytes_atomically(path, text.encode("utf-8"))

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ip2p_jax.evaluation.edits_cli import add_edits_arguments, run_edits
 from ip2p_jax.shipped import SHAPES_RESOLUTION, SHAPES_STEPS, shipped_model
 
 # ip2p_jax.samplers.SAMPLERS' names, written out: importing it would load JAX for --help.
@@ -461,6 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--json", type=Path, help="also write the table and every score here")
     shapes.set_defaults(run=_eval_shapes)
+    edits = worlds.add_parser(
+        "edits",
+        help="a real model on an edit-pair dataset: the paper's CLIP metrics over s_I "
+        "(and an SDEdit baseline), metrics.json, plot.png, grid.png",
+    )
+    add_edits_arguments(edits)
+    _add_sampler_argument(edits)
+    edits.set_defaults(run=run_edits)
 
     app = commands.add_parser("app", help="a web page (Gradio) to edit images by instruction")
     _add_model_argument(app)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -120,8 +121,11 @@ def _decode(module, params, latents):
     return module.apply({"params": params}, latents, method=AutoencoderKL.decode)
 
 
-class EditPipeline:
-    """InstructPix2Pix editing with the Flax UNet, VAE and CLIP text encoder."""
+class LatentPipeline:
+    """What every latent-diffusion pipeline here shares: the components, placed on a device
+    mesh (params replicated, the batch split over 'data'), loading from a folder, the text
+    encoder program, and running a batch of images group by group of equal shapes.
+    Subclasses check the UNet (``check_components``) and add their sampling."""
 
     def __init__(
         self,
@@ -132,13 +136,7 @@ class EditPipeline:
         schedule: NoiseSchedule,
         mesh: Mesh | None = None,
     ):
-        latent = vae.config.latent_channels
-        if unet.config.in_channels != 2 * latent:
-            raise ValueError(
-                f"the UNet takes {unet.config.in_channels} input channels; InstructPix2Pix "
-                f"needs {2 * latent} (noisy + image latent). Convert an SD model with "
-                "`ip2p convert --in-channels 8` and fine-tune it first"
-            )
+        self.check_components(unet, vae)
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.schedule = tokenizer, schedule
         self.mesh = mesh or data_mesh()
@@ -146,17 +144,27 @@ class EditPipeline:
         for component in (unet, vae, text_encoder):
             memory.move_to_devices(component, replicated)
 
+    @staticmethod
+    def check_components(unet: LoadedComponent, vae: LoadedComponent) -> None:
+        """Raises ValueError when the UNet does not fit the pipeline (subclasses)."""
+
     @classmethod
-    def from_pretrained(
-        cls, model: str | os.PathLike, *, dtype: str = "float32", mesh: Mesh | None = None
-    ) -> EditPipeline:
-        """Loads a diffusers folder, a hub id (when online) or an ip2p-jax checkpoint."""
+    def model_folder(cls, model: str | os.PathLike) -> Path:
+        """The model's folder, once it has every component's subfolder."""
         folder = resolve_model(model)
         missing = [
             c for c in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / c).is_dir()
         ]
         if missing:
             raise FileNotFoundError(f"{folder} lacks {', '.join(m + '/' for m in missing)}")
+        return folder
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | os.PathLike, *, dtype: str = "float32", mesh: Mesh | None = None
+    ):
+        """Loads a diffusers folder, a hub id (when online) or an ip2p-jax checkpoint."""
+        folder = cls.model_folder(model)
         enable_compilation_cache()
         memory.release_large_blocks()  # until the first edit has compiled (see memory.py)
         return cls(
@@ -168,8 +176,6 @@ class EditPipeline:
             mesh,
         )
 
-    # -- the pieces -------------------------------------------------------------------------
-
     def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
         """CLIP last hidden states [N, 77, D]; overlong prompts are truncated with a warning."""
         ids = self.tokenizer(list(prompts))
@@ -178,6 +184,43 @@ class EditPipeline:
     def _shard(self, *arrays):
         spec = NamedSharding(self.mesh, P("data"))
         return [None if a is None else jax.device_put(a, spec) for a in arrays]
+
+    @staticmethod
+    def _run_by_shape(
+        images: Sequence[Image.Image | str | os.PathLike],
+        resolution: int,
+        multiple_of: int,
+        run_group: Callable[[np.ndarray, list[int]], np.ndarray],
+        keep_size: bool,
+    ) -> list[Image.Image]:
+        """Loads the images, resizes each (long side ``resolution``, sides multiples of
+        ``multiple_of``) and calls ``run_group(pixels in [-1, 1], indices)`` once per shape,
+        in first-seen order; returns PIL images in the input order."""
+        loaded = [load_image(image) for image in images]
+        sizes = [target_size(*im.size, resolution, multiple_of) for im in loaded]
+        results: list[Image.Image | None] = [None] * len(loaded)
+        for size in dict.fromkeys(sizes):
+            group = [k for k in range(len(loaded)) if sizes[k] == size]
+            pixels = np.stack([to_model_array(loaded[k], size) for k in group])
+            for k, array in zip(group, run_group(pixels, group), strict=True):
+                results[k] = to_pil(array, loaded[k].size if keep_size else None)
+        return results  # type: ignore[return-value]
+
+
+class EditPipeline(LatentPipeline):
+    """InstructPix2Pix editing with the Flax UNet, VAE and CLIP text encoder."""
+
+    @staticmethod
+    def check_components(unet: LoadedComponent, vae: LoadedComponent) -> None:
+        latent = vae.config.latent_channels
+        if unet.config.in_channels != 2 * latent:
+            raise ValueError(
+                f"the UNet takes {unet.config.in_channels} input channels; InstructPix2Pix "
+                f"needs {2 * latent} (noisy + image latent). Convert an SD model with "
+                "`ip2p convert --in-channels 8` and fine-tune it first"
+            )
+
+    # -- the pieces -------------------------------------------------------------------------
 
     def edit_arrays(
         self,
@@ -296,14 +339,10 @@ class EditPipeline:
         }
         if len(seeds) != batch:
             raise ValueError(f"{batch} images need {batch} seeds, got {len(seeds)}")
-        loaded = [load_image(image) for image in images]
-        sizes = [target_size(*im.size, resolution, multiple_of) for im in loaded]
-        results: list[Image.Image | None] = [None] * batch
-        for size in dict.fromkeys(sizes):  # one group per shape, in first-seen order
-            group = [k for k in range(batch) if sizes[k] == size]
-            pick = lambda values, group=group: [values[k] for k in group]
-            pixels = np.stack([to_model_array(loaded[k], size) for k in group])
-            edited = self.edit_arrays(
+
+        def run_group(pixels: np.ndarray, group: list[int]) -> np.ndarray:
+            pick = lambda values: [values[k] for k in group]
+            return self.edit_arrays(
                 pixels,
                 pick(instructions),
                 steps=steps,
@@ -312,9 +351,8 @@ class EditPipeline:
                 progress=progress,
                 **{name: pick(v) for name, v in options.items()},
             )
-            for k, array in zip(group, edited, strict=True):
-                results[k] = to_pil(array, loaded[k].size if keep_size else None)
-        return results  # type: ignore[return-value]
+
+        return self._run_by_shape(images, resolution, multiple_of, run_group, keep_size)
 
 
 def _per_example(value, batch: int, name: str) -> list:

@@ -142,4 +142,3 @@ def test_browser_uploads_an_image_and_receives_the_edit(served_app, tmp_path):
         assert got.shape == (64, 64, 3)
         np.testing.assert_array_equal(got, np.asarray(want))
     assert not np.array_equal(received[0], received[1])  # seeds 7 and 8
-

@@ -1,0 +1,164 @@
+"""``ip2p eval edits``: the paper's evaluation of a real model on an edit-pair dataset.
+
+Writes DIR/metrics.json (a row per sweep point, every example's scores), DIR/plot.png (CLIP
+direction vs image similarity, one line per method) and DIR/grid.png (inputs, edits at each
+scale, targets). Neither JAX nor torch is imported until the command runs (``--help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from pathlib import Path
+
+from ip2p_jax.evaluation.sweep import DEFAULT_STRENGTHS, PAPER_IMAGE_SCALES, PAPER_TEXT_SCALES
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text!r}") from err
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def add_edits_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``ip2p eval edits`` (cli.py adds --sampler, shared with edit/grid)."""
+    parser.add_argument(
+        "--model", required=True, help="InstructPix2Pix model: folder, hub id or checkpoint"
+    )
+    parser.add_argument("--data", required=True, type=Path, help="edit-pair dataset folder")
+    parser.add_argument(
+        "--clip", required=True, help="transformers CLIPModel folder (ViT-L/14: the paper's)"
+    )
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--num", type=int, default=100, help="examples")
+    parser.add_argument(
+        "--order",
+        default="first",
+        choices=["first", "random"],
+        help="the first examples, or the first of a permutation seeded by --seed",
+    )
+    parser.add_argument(
+        "--image-scales",
+        type=_floats,
+        default=list(PAPER_IMAGE_SCALES),
+        help="s_I values, comma-separated (default: the paper's 1.0,1.2,...,2.2)",
+    )
+    parser.add_argument(
+        "--text-scales", type=_floats, default=list(PAPER_TEXT_SCALES), help="s_T values"
+    )
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--resolution", type=int, default=256, help="square side, pixels")
+    parser.add_argument("--seed", type=int, default=0, help="example k is edited with seed + k")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="params"
+    )
+    parser.add_argument(
+        "--sdedit", help="also run SDEdit with this 4-channel text-to-image SD model folder"
+    )
+    parser.add_argument(
+        "--strengths", type=_floats, default=list(DEFAULT_STRENGTHS), help="SDEdit strengths"
+    )
+    parser.add_argument("--sdedit-scale", type=float, default=7.5, help="SDEdit's text CFG")
+    parser.add_argument("--dino", help="also score DINO similarity with this ViT/DINOv2 folder")
+    parser.add_argument("--grid-rows", type=int, default=4, help="examples in grid.png")
+    parser.add_argument(
+        "--metrics-device", default="cpu", help="torch device of CLIP/DINO (cpu, cuda)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("out/eval-edits"), help="output folder")
+
+
+def run_edits(args: argparse.Namespace) -> int:
+    """Runs the sweep; every input is checked before a model is compiled."""
+    from ip2p_jax.evaluation import sweep
+    from ip2p_jax.evaluation.clip_metrics import EditScorer
+    from ip2p_jax.evaluation.plots import plot_tradeoff, save_png, sweep_grid
+    from ip2p_jax.samplers import get_sampler
+
+    start = time.perf_counter()
+    for name in ("steps", "batch_size", "grid_rows"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be at least 1, got {getattr(args, name)}")
+    get_sampler(args.sampler)
+    points = sweep.ip2p_points(args.text_scales, args.image_scales)
+    if args.sdedit:
+        from ip2p_jax.evaluation.sdedit import check_text_to_image_model, kept_steps
+
+        for strength in args.strengths:
+            kept_steps(args.steps, strength)
+        check_text_to_image_model(args.sdedit)
+        points += sweep.sdedit_points(args.strengths, args.sdedit_scale)
+    examples = sweep.load_examples(
+        args.data,
+        split=args.split,
+        num=args.num,
+        resolution=args.resolution,
+        order=args.order,
+        seed=args.seed,
+    )
+    print(f"{len(examples)} examples of {args.data} ({args.split}), {len(points)} sweep points")
+    scorer = EditScorer(args.clip, dino=args.dino, device=args.metrics_device)
+
+    def run(method: str, editor) -> sweep.SweepResult:
+        return sweep.run_sweep(
+            examples,
+            scorer,
+            {method: editor},
+            [p for p in points if p.method == method],
+            seed=args.seed,
+            batch_size=args.batch_size,
+            grid_rows=args.grid_rows,
+            progress=True,
+        )
+
+    from ip2p_jax.pipeline import EditPipeline
+
+    pipe = EditPipeline.from_pretrained(args.model, dtype=args.dtype)
+    results = [run(sweep.IP2P, sweep.ip2p_editor(pipe, steps=args.steps, sampler=args.sampler))]
+    del pipe  # one model in memory at a time
+    gc.collect()
+    if args.sdedit:
+        from ip2p_jax.evaluation.sdedit import SDEditPipeline
+
+        sd = SDEditPipeline.from_pretrained(args.sdedit, dtype=args.dtype)
+        results.append(
+            run(sweep.SDEDIT, sweep.sdedit_editor(sd, steps=args.steps, sampler=args.sampler))
+        )
+        del sd
+    result = sweep.SweepResult(
+        rows=[row for r in results for row in r.rows],
+        examples=[record for r in results for record in r.examples],
+        grid_edits={p: edits for r in results for p, edits in r.grid_edits.items()},
+    )
+    settings = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "split": args.split,
+        "num": len(examples),
+        "order": args.order,
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "resolution": args.resolution,
+        "seed": args.seed,
+        "clip": str(args.clip),
+        "dino": args.dino and str(args.dino),
+        "sdedit": args.sdedit and str(args.sdedit),
+        "dtype": args.dtype,
+    }
+    out = Path(args.out)
+    metrics, plot, grid = out / "metrics.json", out / "plot.png", out / "grid.png"
+    sweep.write_metrics(metrics, result, settings)
+    plot_tradeoff(result.rows, plot, title=f"{Path(str(args.model)).name} on {args.split}")
+    shown = examples[: args.grid_rows]
+    targets = None if any(e.target is None for e in shown) else [e.target for e in shown]
+    sheet = sweep_grid([e.image for e in shown], result.grid_edits, targets)
+    save_png(sheet, grid)
+    print(sweep.format_table(result.rows))
+    print(f"wrote {metrics}, {plot}, {grid} in {time.perf_counter() - start:.0f} s")
+    return 0
