@@ -11,6 +11,7 @@ import pytest
 from ip2p_jax.worlds import shapes as S
 from ip2p_jax.worlds.shapes.score import (
     BLENDED,
+    NEAR_AGREEMENT,
     PALETTE_NAMES,
     PSNR_CAP,
     colour_labels,
@@ -107,3 +108,20 @@ def test_a_non_square_image_and_a_no_op_edit_are_refused():
         score_edit(np.zeros((64, 32, 3), np.uint8), record.before, record.after)
     with pytest.raises(ValueError, match="render the same at 64 px"):
         score_edit(S.render(record.before, SIZE), record.before, record.before)
+
+
+def test_a_removal_instead_of_a_shrink_fails_on_the_pixels_next_to_the_change():
+    """Shrinking a small shape and removing it change much the same pixels; the kept inside
+    of the shrunk shape (near the change) tells them apart."""
+    records = [
+        r
+        for r in S.generate_records(200, split="heldout")
+        if r.edit.kind == "resize" and r.edit.direction == "smaller"
+    ]
+    assert len(records) >= 3
+    for record in records[:3]:
+        shapes = [s for k, s in enumerate(record.before.shapes) if k != record.edit.target]
+        removed = dataclasses.replace(record.before, shapes=tuple(shapes))
+        score = score_edit(S.render(removed, SIZE), record.before, record.after)
+        assert not score.success and score.near_agreement < NEAR_AGREEMENT, record.instruction
+        assert score.kept_agreement >= 0.95  # the whole-image test alone would pass it
