@@ -131,6 +131,10 @@ def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
         raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
     if models.vae is None:
         raise ValueError("no VAE: set model.vae, model.vae_from or model.init_from")
+    # The model predicts what the config trains it to, whatever the loaded scheduler said:
+    # validation edits and the exported scheduler config must sample it that way.
+    schedule = dataclasses.replace(models.schedule, prediction_type=config.prediction_type)
+    models = dataclasses.replace(models, schedule=schedule)
     text = models.text_encoder
     null_ids = jnp.asarray(models.tokenizer([""]))
     null_text = text.module.apply({"params": text.params}, null_ids).last_hidden_state

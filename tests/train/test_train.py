@@ -4,6 +4,7 @@ straight run, SIGTERM saves and exits cleanly, a NaN stops the run, the model is
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -35,6 +36,13 @@ def test_loss_falls_on_the_shapes_world(shapes32, tmp_path):
     first, last = np.mean(losses[:2]), np.mean(losses[-4:])
     assert last < 0.75 * first, losses
     _exported_model_loads_in_diffusers(tmp_path / "model", tmp_path / "diffusers")
+
+
+def test_a_v_prediction_run_exports_a_v_prediction_scheduler(shapes32, tmp_path):
+    config = micro_config(shapes32, steps=2, checkpoint_every=2, prediction_type="v_prediction")
+    train(config, tmp_path)
+    scheduler = json.loads((tmp_path / "model/scheduler/scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
 
 
 def _exported_model_loads_in_diffusers(model: Path, out: Path) -> None:
