@@ -45,8 +45,8 @@ app: setup
 # SHAPES_STEPS / VAE_STEPS shorten it, e.g. make train-shapes VAE_STEPS=300 SHAPES_STEPS=500).
 SHAPES_DIR ?= data/shapes
 RUNS ?= runs
-VAE_STEPS ?= 4000
-SHAPES_STEPS ?= 5000
+VAE_STEPS ?= 1250
+SHAPES_STEPS ?= 3000
 train-shapes: setup
 	test -d $(SHAPES_DIR)/edit_pairs || $(PY) -m ip2p_jax.cli datagen shapes --num 20000 --out $(SHAPES_DIR)
 	$(PY) -m ip2p_jax.cli train-vae --config configs/shapes_vae.py --workdir $(RUNS)/shapes_vae \
@@ -59,6 +59,7 @@ train-shapes: setup
 ship-shapes: setup
 	$(PY) -m ip2p_jax.cli export $(RUNS)/shapes_tiny/model ip2p_jax/assets/shapes_model \
 		--dtype float16 --overwrite
+	cp docs/shapes_model_card.md ip2p_jax/assets/shapes_model/README.md
 
 lint: setup
 	$(VENV)/bin/ruff check .
