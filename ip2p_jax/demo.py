@@ -123,6 +123,8 @@ def run_demo(
     succeeded = sum(s.success for s in scores)
     print(f"{succeeded}/{len(scores)} edits match the true result (worlds.shapes.score)")
     out.mkdir(parents=True, exist_ok=True)
+    for edit in edits:  # the inputs, to try other instructions on (ip2p edit --image ...)
+        Image.fromarray(render(edit.before, size)).save(out / f"scene_{edit.scene_index}.png")
     path = out / "demo_grid.png"
     demo_grid(edits, outputs, scores, size).save(path)
     print(f"wrote the before/after grid: {path}")

@@ -46,3 +46,4 @@ def test_demo_runs_a_given_model_and_reports_the_scores(tiny_folder, tmp_path, c
     assert grid.width == 5 * CELL
     assert f"{tmp_path / 'demo_grid.png'}" in out
     assert f"/{len(load_demo_edits())} edits match the true result" in out
+    assert (tmp_path / "scene_0.png").is_file()
