@@ -40,6 +40,16 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_run(args: argparse.Namespace) -> int:
+    from ip2p_jax.train.snapshot import export_run
+
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    out = export_run(args.workdir, args.out, step=args.step, raw_weights=args.raw_weights)
+    print(f"wrote {out}")
+    return 0
+
+
 def _parity(args: argparse.Namespace) -> int:
     from ip2p_jax.parity import format_table, run_parity
 
@@ -399,6 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="cast the stored weights (default: keep the checkpoint's dtype)",
     )
     export.set_defaults(run=_export)
+
+    export_run = commands.add_parser(
+        "export-run", help="a training run's model at a saved step -> ip2p-jax checkpoint"
+    )
+    export_run.add_argument("workdir", type=Path, help="the run's --workdir")
+    export_run.add_argument("out", type=Path, help="checkpoint folder to write")
+    export_run.add_argument("--step", type=int, help="a saved step (default: the latest)")
+    export_run.add_argument(
+        "--raw-weights", action="store_true", help="the optimizer's weights, not the EMA's"
+    )
+    export_run.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    export_run.set_defaults(run=_export_run)
 
     parity = commands.add_parser(
         "parity", help="compare our components with the PyTorch ones on a diffusers folder"

@@ -54,24 +54,48 @@ class _DecodeAugmentTokenize(grain.transforms.RandomMap):
         self.tokenizer = tokenizer
 
     def random_map(self, example: Mapping[str, Any], rng: np.random.Generator) -> dict:
-        key = example.get("key", "?")
         try:
-            instruction = example["instruction"]
-            if not instruction.strip():
-                raise BadExample("empty_instruction", "instruction is empty")
+            _check_instruction(example)
             before, after = decode_pair(example)
             before, after = augment_pair(before, after, self.augmentation, rng)
         except BadExample as bad:
-            return {SKIPPED: bad.reason, "detail": str(bad), "key": key}
-        element = {
-            "input_image": before,
-            "edited_image": after,
-            "instruction": instruction,
-            "key": key,
-        }
-        if self.tokenizer is not None:
-            element["input_ids"] = np.asarray(self.tokenizer([instruction])[0], np.int32)
-        return element
+            return _skip(example, bad)
+        element = {"input_image": before, "edited_image": after}
+        return _with_text(element, example, self.tokenizer)
+
+
+class _TokenizeLatents(grain.transforms.Map):
+    """One example of a latent cache (moments already encoded) -> training arrays."""
+
+    def __init__(self, tokenizer: Tokenizer | None):
+        self.tokenizer = tokenizer
+
+    def map(self, example: Mapping[str, Any]) -> dict:
+        if SKIPPED in example:
+            return dict(example)
+        try:
+            _check_instruction(example)
+        except BadExample as bad:
+            return _skip(example, bad)
+        element = {name: example[name] for name in ("input_moments", "edited_moments")}
+        return _with_text(element, example, self.tokenizer)
+
+
+def _check_instruction(example: Mapping[str, Any]) -> None:
+    if not example["instruction"].strip():
+        raise BadExample("empty_instruction", "instruction is empty")
+
+
+def _skip(example: Mapping[str, Any], bad: BadExample) -> dict:
+    return {SKIPPED: bad.reason, "detail": str(bad), "key": example.get("key", "?")}
+
+
+def _with_text(element: dict, example: Mapping[str, Any], tokenizer: Tokenizer | None) -> dict:
+    """The example's instruction, key and (with a tokenizer) token ids added to `element`."""
+    element.update(instruction=example["instruction"], key=example.get("key", "?"))
+    if tokenizer is not None:
+        element["input_ids"] = np.asarray(tokenizer([example["instruction"]])[0], np.int32)
+    return element
 
 
 class EditPairLoader:
@@ -121,10 +145,16 @@ class EditPairLoader:
         return grain.DataLoader(
             data_source=self.source,
             sampler=sampler,
-            operations=[_DecodeAugmentTokenize(config.augmentation, self.tokenizer)],
+            operations=[self._prepare()],
             worker_count=config.worker_count,
             worker_buffer_size=config.worker_buffer_size,
         )
+
+    def _prepare(self) -> grain.transforms.Map | grain.transforms.RandomMap:
+        # A latent cache (train.latent_cache) holds encoded, un-augmented examples.
+        if getattr(self.source, "holds_latents", False):
+            return _TokenizeLatents(self.tokenizer)
+        return _DecodeAugmentTokenize(self.config.augmentation, self.tokenizer)
 
 
 class BatchIterator(Iterator[dict[str, np.ndarray]]):

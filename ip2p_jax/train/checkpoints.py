@@ -14,9 +14,9 @@ from ip2p_jax.train.step import TrainState
 
 
 class Checkpoints:
-    """`workdir/checkpoints/<step>/{state, data}`."""
+    """`workdir/checkpoints/<step>/{state, data}`, the last `keep` kept (None: all)."""
 
-    def __init__(self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str | os.PathLike, keep: int | None = 3, async_save: bool = True):
         self.directory = Path(workdir).resolve() / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
@@ -27,6 +27,10 @@ class Checkpoints:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """The saved steps, oldest first."""
+        return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: TrainState, data_state: dict[str, Any]) -> None:
         """Starts saving in the background (training goes on); `wait()` blocks until done."""

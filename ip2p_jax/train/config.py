@@ -40,6 +40,9 @@ class DataConfig:
     max_resize: int = 0
     flip_prob: float = 0.5
     workers: int = 2
+    # Encode the split once with the frozen VAE (into workdir/latents) and train on that:
+    # no augmentation then, and about half the step time saved on small models.
+    cache_latents: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ from ip2p_jax.data.edit_pairs import EditPairSource
 from ip2p_jax.data.loader import EditPairLoader, InputConfig, Tokenizer
 from ip2p_jax.train.checkpoints import Checkpoints
 from ip2p_jax.train.config import TrainConfig
+from ip2p_jax.train.latent_cache import LatentSplit, cached_latents
 from ip2p_jax.train.models import load_models
 from ip2p_jax.train.reporting import Reporter
 from ip2p_jax.train.sharding import global_batch, make_mesh
@@ -67,6 +68,8 @@ class Task:
     model_folder: str = "model"  # in the workdir
     # The tokenizer of the batches' `input_ids` (from the trainer); None leaves them out.
     tokenizer: Callable[[Any], Tokenizer | None] = lambda trainer: None
+    # (trainer, workdir) -> the training split the loader reads (an EditPairSource or cache)
+    train_source: Callable[[Any, Path], Any] = lambda trainer, workdir: train_split(trainer.config)
     images_per_pair: int = 1  # what examples_per_s counts: pairs, or their images
 
 
@@ -84,8 +87,16 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def make_loader(config: Any, tokenizer: Tokenizer | None = None) -> EditPairLoader:
-    """The training split's batches as `config.data` and `config.batch_size` say."""
+def train_split(config: Any) -> EditPairSource:
+    """The training split that `config.data` names."""
+    return EditPairSource(config.data.path, config.data.train_split)
+
+
+def make_loader(
+    config: Any, tokenizer: Tokenizer | None = None, source: Any = None
+) -> EditPairLoader:
+    """Batches of `source` (default: the training split) as `config.data` and
+    `config.batch_size` say."""
     data = config.data
     augmentation = Augmentation(
         crop=data.resolution,
@@ -99,7 +110,8 @@ def make_loader(config: Any, tokenizer: Tokenizer | None = None) -> EditPairLoad
         seed=config.seed,
         worker_count=data.workers,
     )
-    source = EditPairSource(data.path, data.train_split)
+    if source is None:
+        source = train_split(config)
     return EditPairLoader(source, input_config, tokenizer=tokenizer)
 
 
@@ -125,7 +137,8 @@ def run(task: Task, workdir: str | os.PathLike, *, resume: bool = False) -> Trai
     enable_compilation_cache()
     mesh = make_mesh(config.fsdp)
     trainer = task.build(mesh)
-    batches = iter(make_loader(config, task.tokenizer(trainer)))
+    source = task.train_source(trainer, workdir)
+    batches = iter(make_loader(config, task.tokenizer(trainer), source))
     if resume and checkpoints.latest_step() is not None:
         state, data_state = checkpoints.restore(trainer.abstract_state())
         trainer.release_loaded_weights()  # the restored state has its own
@@ -220,6 +233,21 @@ def unet_task(config: TrainConfig) -> Task:
         validate=validation_grid,
         export=export_model,
         tokenizer=lambda trainer: trainer.models.tokenizer,
+        train_source=unet_train_source,
+    )
+
+
+def unet_train_source(trainer: Trainer, workdir: Path) -> EditPairSource | LatentSplit:
+    """The training split, or its latent cache under workdir/latents when the config asks."""
+    source = train_split(trainer.config)
+    data = trainer.config.data
+    if not data.cache_latents:
+        return source
+    return cached_latents(
+        source,
+        trainer.models.vae,
+        workdir / "latents" / data.train_split,
+        resolution=data.resolution,
     )
 
 

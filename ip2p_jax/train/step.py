@@ -22,8 +22,10 @@ from jax.sharding import Mesh
 
 from ip2p_jax import memory
 from ip2p_jax.compilation import jit
+from ip2p_jax.models.vae import DiagonalGaussian
 from ip2p_jax.train import sharding
 from ip2p_jax.train.config import TrainConfig
+from ip2p_jax.train.latent_cache import check_cacheable
 from ip2p_jax.train.loss import diffusion_loss
 from ip2p_jax.train.models import ModelSet, hand_over_weights, keep_shapes_only
 from ip2p_jax.train.optim import (
@@ -131,6 +133,8 @@ def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
         raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
     if models.vae is None:
         raise ValueError("no VAE: set model.vae, model.vae_from or model.init_from")
+    if config.data.cache_latents:
+        check_cacheable(config.data)
     # The model predicts what the config trains it to, whatever the loaded scheduler said:
     # validation edits and the exported scheduler config must sample it that way.
     schedule = dataclasses.replace(models.schedule, prediction_type=config.prediction_type)
@@ -153,17 +157,27 @@ def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
 
 def _encode(trainer: Trainer, frozen: dict, batch: dict, key: jax.Array):
     """Frozen encoders: text states, the target latents (a posterior sample, scaled) and the
-    image-conditioning latents (posterior mode, unscaled), as the reference."""
+    image-conditioning latents (posterior mode, unscaled), as the reference. A batch from a
+    latent cache (train.latent_cache) brings the VAE's posterior moments instead of pixels."""
     models = trainer.models
-    vae = models.vae.module
     text = models.text_encoder.module.apply({"params": frozen["text"]}, batch["input_ids"])
-    pixels = {
-        name: batch[name].astype(jnp.float32) / 127.5 - 1.0
-        for name in ("input_image", "edited_image")
-    }
-    encode = lambda images: vae.apply({"params": frozen["vae"]}, images, method=vae.encode)
-    target = encode(pixels["edited_image"]).sample(key) * models.vae.config.scaling_factor
-    image_latent = encode(pixels["input_image"]).mode()
+    if "edited_moments" in batch:
+        posterior = {
+            name: DiagonalGaussian.from_moments(batch[f"{name}_moments"])
+            for name in ("input", "edited")
+        }
+    else:
+        vae = models.vae.module
+        posterior = {
+            name: vae.apply(
+                {"params": frozen["vae"]},
+                batch[f"{name}_image"].astype(jnp.float32) / 127.5 - 1.0,
+                method=vae.encode,
+            )
+            for name in ("input", "edited")
+        }
+    target = posterior["edited"].sample(key) * models.vae.config.scaling_factor
+    image_latent = posterior["input"].mode()
     return (
         jax.lax.stop_gradient(text.last_hidden_state),
         jax.lax.stop_gradient(target),

@@ -1,0 +1,75 @@
+"""The model of a training run at any saved step, not only the one it writes when it ends:
+`ip2p export-run runs/shapes_tiny out/model_4500 --step 4500`.
+
+The run's own config.json (what the loop wrote when it started) rebuilds its task, so the
+model comes out exactly as the run would have exported it: EMA weights when the run keeps
+an EMA (`raw_weights=True` takes the optimizer's), with the frozen parts and the scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+from ip2p_jax.train.checkpoints import Checkpoints
+from ip2p_jax.train.config import TrainConfig
+from ip2p_jax.train.loop import Task, unet_task
+from ip2p_jax.train.sharding import make_mesh
+
+
+def run_task(workdir: str | os.PathLike) -> Task:
+    """The task of the run in `workdir`, from its config.json (UNet or VAE run)."""
+    from ip2p_jax.train.vae import VAETrainConfig, vae_task
+
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {workdir} is not an `ip2p train` workdir")
+    fields = json.loads(path.read_text())
+    for config_class, make_task in ((TrainConfig, unet_task), (VAETrainConfig, vae_task)):
+        if set(fields) == {field.name for field in dataclasses.fields(config_class)}:
+            return make_task(config_from_dict(config_class, fields))
+    raise ValueError(
+        f"{path} matches neither a TrainConfig nor a VAETrainConfig (fields: {sorted(fields)})"
+    )
+
+
+def config_from_dict(config_class: type, fields: dict[str, Any]) -> Any:
+    """`dataclasses.asdict` undone: nested config dataclasses are rebuilt from their dicts."""
+    hints = typing.get_type_hints(config_class)
+    values = {}
+    for field in dataclasses.fields(config_class):
+        value = fields[field.name]
+        if dataclasses.is_dataclass(hints[field.name]):
+            value = config_from_dict(hints[field.name], value)
+        values[field.name] = value
+    return config_class(**values)
+
+
+def export_run(
+    workdir: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    step: int | None = None,
+    raw_weights: bool = False,
+) -> Path:
+    """Writes the model of `workdir`'s checkpoint `step` (default: the latest) to
+    `destination` (our checkpoint layout, as the run's own export); returns it."""
+    task = run_task(workdir)
+    checkpoints = Checkpoints(workdir, keep=None, async_save=False)
+    try:
+        saved = checkpoints.steps()
+        if not saved:
+            raise FileNotFoundError(f"{checkpoints.directory} holds no checkpoint")
+        if step is not None and step not in saved:
+            raise ValueError(f"{workdir} has no checkpoint of step {step}; it has {saved}")
+        trainer = task.build(make_mesh(task.config.fsdp))
+        state, _ = checkpoints.restore(trainer.abstract_state(), step)
+    finally:
+        checkpoints.close()
+    if raw_weights:
+        state = state.replace(ema_params=None)
+    return task.export(trainer, state, Path(destination))
