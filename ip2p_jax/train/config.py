@@ -51,7 +51,11 @@ class OptimConfig:
 
     learning_rate: float = 1e-4
     warmup_steps: int = 0
-    schedule: str = "constant"  # or "cosine" (to 0 at the last step)
+    # "constant"; "cosine" (to 0 at the last step); "wsd": constant, then linear to 0 over
+    # the last `decay_steps` (warmup-stable-decay: a run can go on at the constant rate
+    # and choose its end later, since changing `steps` moves only the decay)
+    schedule: str = "constant"
+    decay_steps: int = 0
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8

@@ -10,15 +10,26 @@ from ip2p_jax.train.config import OptimConfig
 
 
 def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0, then constant, or cosine down to 0 at `total_steps`."""
+    """Linear warmup from 0, then constant, cosine down to 0 at `total_steps`, or constant
+    until the last `decay_steps` and linear down to 0 over them (wsd)."""
+    after_warmup = max(1, total_steps - config.warmup_steps)
     if config.schedule == "constant":
         after = optax.constant_schedule(config.learning_rate)
     elif config.schedule == "cosine":
-        after = optax.cosine_decay_schedule(
-            config.learning_rate, max(1, total_steps - config.warmup_steps)
+        after = optax.cosine_decay_schedule(config.learning_rate, after_warmup)
+    elif config.schedule == "wsd":
+        if not 0 < config.decay_steps <= after_warmup:
+            raise ValueError(
+                f"optim.schedule 'wsd' needs 0 < optim.decay_steps <= steps - warmup_steps "
+                f"= {after_warmup}, got decay_steps={config.decay_steps}"
+            )
+        stable = after_warmup - config.decay_steps
+        decay = optax.linear_schedule(config.learning_rate, 0.0, config.decay_steps)
+        after = optax.join_schedules(
+            [optax.constant_schedule(config.learning_rate), decay], [stable]
         )
     else:
-        raise ValueError(f"optim.schedule must be constant or cosine, got {config.schedule!r}")
+        raise ValueError(f"optim.schedule must be constant, cosine or wsd, got {config.schedule!r}")
     if not config.warmup_steps:
         return after
     warmup = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)

@@ -3,6 +3,8 @@ param-sized temporary."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +80,18 @@ def test_leafwise_update_keeps_no_param_sized_temporary():
     leaf_bytes = 4 * 2**20
     assert temp_bytes(tree_wide) >= (leaves - 1) * leaf_bytes
     assert temp_bytes(leafwise) <= leaf_bytes + 2**16  # one leaf (and a few scalars)
+
+
+def test_wsd_schedule_warms_up_holds_then_falls_linearly_to_zero():
+    from ip2p_jax.train.optim import learning_rate_schedule
+
+    config = OptimConfig(learning_rate=1e-3, warmup_steps=10, schedule="wsd", decay_steps=20)
+    rate = learning_rate_schedule(config, 100)
+    expected = {0: 0.0, 5: 5e-4, 10: 1e-3, 50: 1e-3, 80: 1e-3, 90: 5e-4, 95: 2.5e-4, 100: 0.0}
+    for step, value in expected.items():
+        assert float(rate(step)) == pytest.approx(value, abs=1e-9), step
+    # Moving the end moves only the decay: the rates before it are the constant run's.
+    longer = learning_rate_schedule(config, 200)
+    assert all(float(longer(s)) == float(rate(s)) for s in range(0, 80, 7))
+    with pytest.raises(ValueError, match="decay_steps <= steps - warmup_steps = 90"):
+        learning_rate_schedule(dataclasses.replace(config, decay_steps=91), 100)
