@@ -185,6 +185,67 @@ class LatentPipeline:
         spec = NamedSharding(self.mesh, P("data"))
         return [None if a is None else jax.device_put(a, spec) for a in arrays]
 
+    def _padding(self, batch: int) -> int:
+        """Rows to add so the mesh splits the batch evenly (dropped after decoding)."""
+        return -batch % self.mesh.devices.size
+
+    def _encode_prompt_pairs(
+        self, prompts: list[str], negatives: list[str], padded: int
+    ) -> tuple[jax.Array, jax.Array]:
+        """Text states of the prompts and of their null (negative) prompts, each padded by
+        repeating the last row: one text-encoder call for both."""
+        states = self.encode_prompts(
+            prompts + prompts[-1:] * padded + negatives + negatives[-1:] * padded
+        )
+        texts, nulls = jnp.split(states, 2)
+        return texts, nulls
+
+    def _sample(
+        self,
+        sampler: Sampler,
+        plan: dict,
+        steps: int,
+        *,
+        three_rows: bool,
+        progress: bool | None,
+        text: jax.Array,
+        null_text: jax.Array,
+        image_latent: jax.Array,
+        text_scale: jax.Array,
+        image_scale: jax.Array,
+        keys: jax.Array,
+        init_noise: jax.Array | None,
+        step_noise: np.ndarray | None,
+    ) -> jax.Array:
+        """The jitted sampling loop (`_sample_latents`) on padded, sharded inputs,
+        reporting its `steps` steps."""
+        reporter = _Progress(steps, progress)
+        _Progress.current = reporter
+        return _sample_latents(
+            self.unet.module,
+            sampler,
+            three_rows,
+            self.schedule.prediction_type,
+            reporter.enabled,
+            self.unet.params,
+            {k: jnp.asarray(v) for k, v in plan.items()},
+            text,
+            null_text,
+            image_latent,
+            text_scale,
+            image_scale,
+            keys,
+            init_noise,
+            None if step_noise is None else jnp.asarray(step_noise),
+        )
+
+    def _decode_latents(self, latents: jax.Array, batch: int) -> np.ndarray:
+        """Sampled latents -> the first `batch` images [B, H, W, 3] in about [-1, 1]."""
+        scaled = latents / self.vae.config.scaling_factor
+        images = np.asarray(_decode(self.vae.module, self.vae.params, scaled))[:batch]
+        memory.keep_blocks_for_reuse()
+        return images
+
     @staticmethod
     def _run_by_shape(
         images: Sequence[Image.Image | str | os.PathLike],
@@ -244,9 +305,9 @@ class EditPipeline(LatentPipeline):
         """
         batch = pixels.shape[0]
         instructions = list(instructions)
-        negatives = _per_example(negative_prompt, batch, "negative_prompt")
-        s_t = np.asarray(_per_example(text_scale, batch, "text_scale"), np.float32)
-        s_i = np.asarray(_per_example(image_scale, batch, "image_scale"), np.float32)
+        negatives = per_example(negative_prompt, batch, "negative_prompt")
+        s_t = np.asarray(per_example(text_scale, batch, "text_scale"), np.float32)
+        s_i = np.asarray(per_example(image_scale, batch, "image_scale"), np.float32)
         seeds = list(range(batch)) if seeds is None else list(seeds)
         if len(instructions) != batch or len(seeds) != batch:
             raise ValueError(
@@ -255,47 +316,32 @@ class EditPipeline(LatentPipeline):
             )
         if isinstance(sampler, str):
             sampler = get_sampler(sampler)
-        plan = {k: jnp.asarray(v) for k, v in sampler.plan(self.schedule, steps).items()}
+        plan = sampler.plan(self.schedule, steps)
 
-        devices = self.mesh.devices.size
-        padded = -batch % devices  # the mesh splits the batch evenly: pad, then drop the pad
-        pad = lambda a: None if a is None else np.concatenate([a, np.repeat(a[-1:], padded, 0)])
-        # One text-encoder call for the instructions and the null (negative) prompts.
-        states = self.encode_prompts(
-            instructions + instructions[-1:] * padded + negatives + negatives[-1:] * padded
-        )
-        texts, nulls = jnp.split(states, 2)
+        padded = self._padding(batch)
+        texts, nulls = self._encode_prompt_pairs(instructions, negatives, padded)
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + seeds[-1:] * padded, jnp.uint32))
-        if step_noise is not None:
-            step_noise = np.concatenate([step_noise, np.repeat(step_noise[:, -1:], padded, 1)], 1)
         pixels_d, s_t_d, s_i_d, init_d = self._shard(
-            pad(pixels), pad(s_t), pad(s_i), pad(init_noise)
+            *(pad_batch(a, padded) for a in (pixels, s_t, s_i, init_noise))
         )
         texts, nulls, keys = self._shard(texts, nulls, keys)
         image_latent = _encode_image(self.vae.module, self.vae.params, pixels_d)
-        reporter = _Progress(steps, progress)
-        _Progress.current = reporter
-        latents = _sample_latents(
-            self.unet.module,
+        latents = self._sample(
             sampler,
-            bool((s_i != 1.0).any()),
-            self.schedule.prediction_type,
-            reporter.enabled,
-            self.unet.params,
             plan,
-            texts,
-            nulls,
-            image_latent,
-            s_t_d,
-            s_i_d,
-            keys,
-            init_d,
-            None if step_noise is None else jnp.asarray(step_noise),
+            steps,
+            three_rows=bool((s_i != 1.0).any()),
+            progress=progress,
+            text=texts,
+            null_text=nulls,
+            image_latent=image_latent,
+            text_scale=s_t_d,
+            image_scale=s_i_d,
+            keys=keys,
+            init_noise=init_d,
+            step_noise=pad_batch(step_noise, padded, axis=1),
         )
-        scaled = latents / self.vae.config.scaling_factor
-        images = np.asarray(_decode(self.vae.module, self.vae.params, scaled))[:batch]
-        memory.keep_blocks_for_reuse()
-        return images
+        return self._decode_latents(latents, batch)
 
     # -- the user's entry point ------------------------------------------------------------
 
@@ -324,7 +370,7 @@ class EditPipeline(LatentPipeline):
         single = isinstance(images, (str, os.PathLike, Image.Image))
         images = [images] if single else list(images)
         batch = len(images)
-        instructions = _per_example(instructions, batch, "instructions")
+        instructions = per_example(instructions, batch, "instructions")
         for k, text in enumerate(instructions):
             if not text or not text.strip():
                 raise ValueError(f"instruction {k} is empty; say what to change")
@@ -333,9 +379,9 @@ class EditPipeline(LatentPipeline):
         sampler_obj = get_sampler(sampler)  # unknown names fail here, before any compile
         seeds = [seed + k for k in range(batch)] if isinstance(seed, int) else list(seed)
         options = {
-            "text_scale": _per_example(text_scale, batch, "text_scale"),
-            "image_scale": _per_example(image_scale, batch, "image_scale"),
-            "negative_prompt": _per_example(negative_prompt, batch, "negative_prompt"),
+            "text_scale": per_example(text_scale, batch, "text_scale"),
+            "image_scale": per_example(image_scale, batch, "image_scale"),
+            "negative_prompt": per_example(negative_prompt, batch, "negative_prompt"),
         }
         if len(seeds) != batch:
             raise ValueError(f"{batch} images need {batch} seeds, got {len(seeds)}")
@@ -355,7 +401,15 @@ class EditPipeline(LatentPipeline):
         return self._run_by_shape(images, resolution, multiple_of, run_group, keep_size)
 
 
-def _per_example(value, batch: int, name: str) -> list:
+def pad_batch(array: np.ndarray | None, padded: int, axis: int = 0) -> np.ndarray | None:
+    """`array` with its last row along `axis` repeated `padded` times (None stays None)."""
+    if array is None or not padded:
+        return array
+    last = np.take(array, [-1], axis=axis)
+    return np.concatenate([array, np.repeat(last, padded, axis)], axis)
+
+
+def per_example(value, batch: int, name: str) -> list:
     """A scalar repeated ``batch`` times, or a sequence that must have ``batch`` entries."""
     if isinstance(value, (str, int, float)):
         return [value] * batch

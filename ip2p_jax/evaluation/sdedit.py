@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ip2p_jax import memory
 from ip2p_jax.checkpoint import LoadedComponent
 from ip2p_jax.compilation import jit
 from ip2p_jax.models.config import load_json
@@ -32,13 +31,7 @@ from ip2p_jax.models.vae import AutoencoderKL
 
 # EditPipeline's jitted programs (text encoding, the guided sampling loop, decoding) and its
 # progress reporter: reused so SDEdit samples exactly as the editor does.
-from ip2p_jax.pipeline import (
-    LatentPipeline,
-    _decode,
-    _per_example,
-    _Progress,
-    _sample_latents,
-)
+from ip2p_jax.pipeline import LatentPipeline, pad_batch, per_example
 from ip2p_jax.samplers import DDIM, DPMSolverPP2M, Euler, EulerAncestral, Sampler, get_sampler
 from ip2p_jax.schedules import NoiseSchedule
 
@@ -161,8 +154,8 @@ class SDEditPipeline(LatentPipeline):
         """
         batch = pixels.shape[0]
         prompts = list(prompts)
-        negatives = _per_example(negative_prompt, batch, "negative_prompt")
-        scales = np.asarray(_per_example(guidance_scale, batch, "guidance_scale"), np.float32)
+        negatives = per_example(negative_prompt, batch, "negative_prompt")
+        scales = np.asarray(per_example(guidance_scale, batch, "guidance_scale"), np.float32)
         seeds = list(range(batch)) if seeds is None else list(seeds)
         if len(prompts) != batch or len(seeds) != batch:
             raise ValueError(
@@ -174,19 +167,16 @@ class SDEditPipeline(LatentPipeline):
         plan, alpha, sigma = img2img_plan(sampler, self.schedule, steps, strength)
         kept = plan["timesteps"].shape[0]
 
-        padded = -batch % self.mesh.devices.size  # the mesh splits the batch evenly
-        pad = lambda a: None if a is None else np.concatenate([a, np.repeat(a[-1:], padded, 0)])
-        states = self.encode_prompts(
-            prompts + prompts[-1:] * padded + negatives + negatives[-1:] * padded
-        )
-        texts, nulls = jnp.split(states, 2)
+        padded = self._padding(batch)
+        texts, nulls = self._encode_prompt_pairs(prompts, negatives, padded)
         # Three independent streams per example: posterior draw, start noise, sampler steps.
         seeds_padded = jnp.asarray(seeds + seeds[-1:] * padded, jnp.uint32)
         keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3))(seeds_padded)
-        if step_noise is not None:
-            step_noise = np.concatenate([step_noise, np.repeat(step_noise[:, -1:], padded, 1)], 1)
         pixels_d, scales_d, latent_d, start_d, keys_d, texts, nulls = self._shard(
-            pad(pixels), pad(scales), pad(latent_noise), pad(start_noise), keys, texts, nulls
+            *(pad_batch(a, padded) for a in (pixels, scales, latent_noise, start_noise)),
+            keys,
+            texts,
+            nulls,
         )
         x_start = _noised_latents(
             self.vae.module,
@@ -202,29 +192,22 @@ class SDEditPipeline(LatentPipeline):
         # No image condition: a zero-channel image latent makes the guided denoiser's two rows
         # (text, null text) plain classifier-free guidance.
         no_image = jnp.zeros((*x_start.shape[:-1], 0), x_start.dtype)
-        reporter = _Progress(kept, progress)
-        _Progress.current = reporter
-        latents = _sample_latents(
-            self.unet.module,
+        latents = self._sample(
             sampler,
-            False,
-            self.schedule.prediction_type,
-            reporter.enabled,
-            self.unet.params,
-            {k: jnp.asarray(v) for k, v in plan.items()},
-            texts,
-            nulls,
-            no_image,
-            scales_d,
-            jnp.ones_like(scales_d),
-            keys_d[:, 2],
-            x_start,
-            None if step_noise is None else jnp.asarray(step_noise),
+            plan,
+            kept,
+            three_rows=False,
+            progress=progress,
+            text=texts,
+            null_text=nulls,
+            image_latent=no_image,
+            text_scale=scales_d,
+            image_scale=jnp.ones_like(scales_d),
+            keys=keys_d[:, 2],
+            init_noise=x_start,
+            step_noise=pad_batch(step_noise, padded, axis=1),
         )
-        scaled = latents / self.vae.config.scaling_factor
-        images = np.asarray(_decode(self.vae.module, self.vae.params, scaled))[:batch]
-        memory.keep_blocks_for_reuse()
-        return images
+        return self._decode_latents(latents, batch)
 
     def edit(
         self,
@@ -245,12 +228,12 @@ class SDEditPipeline(LatentPipeline):
         groups; an int ``seed`` gives image k the seed ``seed + k``."""
         images = list(images)
         batch = len(images)
-        prompts = _per_example(prompts, batch, "prompts")
+        prompts = per_example(prompts, batch, "prompts")
         seeds = [seed + k for k in range(batch)] if isinstance(seed, int) else list(seed)
         if len(seeds) != batch:
             raise ValueError(f"{batch} images need {batch} seeds, got {len(seeds)}")
-        scales = _per_example(guidance_scale, batch, "guidance_scale")
-        negatives = _per_example(negative_prompt, batch, "negative_prompt")
+        scales = per_example(guidance_scale, batch, "guidance_scale")
+        negatives = per_example(negative_prompt, batch, "negative_prompt")
         kept_steps(steps, strength)  # a bad strength fails here, before anything compiles
         sampler_obj = get_sampler(sampler)
 
