@@ -42,22 +42,28 @@ app: setup
 	$(PY) -m ip2p_jax.cli app
 
 # The shapes world end to end: data, the VAE, then the editing model (long on a CPU;
-# SHAPES_STEPS / VAE_STEPS shorten it, e.g. make train-shapes VAE_STEPS=300 SHAPES_STEPS=500).
+# SHAPES_STEPS / VAE_STEPS shorten it, e.g. make train-shapes VAE_STEPS=300 SHAPES_STEPS=500
+# SHAPES_DECAY=100).
 SHAPES_DIR ?= data/shapes
 RUNS ?= runs
 VAE_STEPS ?= 1250
-SHAPES_STEPS ?= 3000
+SHAPES_STEPS ?= 13500
+# The learning rate's linear cool-down: the last SHAPES_DECAY steps.
+SHAPES_DECAY ?= 3500
 train-shapes: setup
 	test -d $(SHAPES_DIR)/edit_pairs || $(PY) -m ip2p_jax.cli datagen shapes --num 20000 --out $(SHAPES_DIR)
 	$(PY) -m ip2p_jax.cli train-vae --config configs/shapes_vae.py --workdir $(RUNS)/shapes_vae \
 		--resume --config.data.path=$(SHAPES_DIR) --config.steps=$(VAE_STEPS)
 	$(PY) -m ip2p_jax.cli train --config configs/shapes_tiny.py --workdir $(RUNS)/shapes_tiny \
 		--resume --config.data.path=$(SHAPES_DIR) --config.steps=$(SHAPES_STEPS) \
+		--config.optim.decay_steps=$(SHAPES_DECAY) \
 		--config.model.vae_from=$(RUNS)/shapes_vae/vae_model
 
-# The trained shapes model -> the package's bundled model (diffusers layout, float16).
+# The shapes run's newest checkpoint (EMA) -> the package's bundled model (diffusers
+# layout, float16).
 ship-shapes: setup
-	$(PY) -m ip2p_jax.cli export $(RUNS)/shapes_tiny/model ip2p_jax/assets/shapes_model \
+	$(PY) -m ip2p_jax.cli export-run $(RUNS)/shapes_tiny $(RUNS)/shapes_tiny/snapshot --overwrite
+	$(PY) -m ip2p_jax.cli export $(RUNS)/shapes_tiny/snapshot ip2p_jax/assets/shapes_model \
 		--dtype float16 --overwrite
 	cp docs/shapes_model_card.md ip2p_jax/assets/shapes_model/README.md
 

@@ -1,8 +1,9 @@
-"""The shapes world on a CPU: small UNet, VAE and text encoder, trained from scratch.
+r"""The shapes world on a CPU: small UNet, VAE and text encoder, trained from scratch.
 
 ip2p datagen shapes --num 20000 --out data/shapes
 ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_tiny
-ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_tiny --config.steps=200
+ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_tiny \
+    --config.steps=300 --config.optim.decay_steps=100
 """
 
 from ip2p_jax.train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
@@ -49,9 +50,17 @@ def get_config() -> TrainConfig:
         data=DataConfig(
             path="data/shapes", resolution=64, flip_prob=0.0, workers=0, cache_latents=True
         ),
-        optim=OptimConfig(learning_rate=3e-4, warmup_steps=100, weight_decay=0.0),
+        # Constant 3e-4, then linear to 0 over the last 3500 steps: a run can be extended at the
+        # constant rate (--config.steps moves only the cool-down), as the shipped one was.
+        optim=OptimConfig(
+            learning_rate=3e-4,
+            warmup_steps=100,
+            weight_decay=0.0,
+            schedule="wsd",
+            decay_steps=3500,
+        ),
         batch_size=32,
-        steps=5000,
+        steps=13500,
         ema_decay=0.999,
         # From scratch, epsilon prediction learns the high-noise end too slowly: after 1000
         # steps its x0 estimate at t >= 700 was worse than copying the input image's latent,

@@ -7,6 +7,7 @@ ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_tiny \
     --config.model.vae_from=runs/shapes_vae/vae_model
 """
 
+import dataclasses
 from pathlib import Path
 
 from ip2p_jax.train.config import OptimConfig, load_config
@@ -18,7 +19,8 @@ def get_config() -> VAETrainConfig:
     tiny = load_config(Path(__file__).with_name("shapes_tiny.py"))
     return VAETrainConfig(
         vae=tiny.model.vae,
-        data=tiny.data,  # 64 px, no flips
+        # 64 px, no flips; the VAE trains on the pixels, so no latent cache
+        data=dataclasses.replace(tiny.data, cache_latents=False),
         optim=OptimConfig(
             learning_rate=1e-3, warmup_steps=200, schedule="cosine", weight_decay=0.0
         ),

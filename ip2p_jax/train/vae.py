@@ -208,6 +208,11 @@ def make_vae_trainer(config: VAETrainConfig, mesh: Mesh) -> VAETrainer:
     devices = mesh.devices.size
     if config.batch_size % devices:
         raise ValueError(f"batch_size {config.batch_size} must divide over {devices} devices")
+    if config.data.cache_latents:
+        raise ValueError(
+            "data.cache_latents=True: a VAE run trains the encoder, so it reads pixels; "
+            "set --config.data.cache_latents=False"
+        )
     optimizer = make_optimizer(config.optim, config.steps)
     return VAETrainer(config, load_vae(config), mesh, optimizer)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from ip2p_jax.checkpoint import load_component
 from ip2p_jax.cli import main
@@ -140,5 +141,13 @@ def test_shapes_vae_config_is_shapes_tiny_vae():
     config = load_config(ROOT / "configs" / "shapes_vae.py", ["--config.steps=10"])
     tiny = load_config(ROOT / "configs" / "shapes_tiny.py")
     assert isinstance(config, VAETrainConfig) and config.steps == 10
-    assert config.vae == tiny.model.vae and config.data == tiny.data
+    assert config.vae == tiny.model.vae
+    assert config.data == dataclasses.replace(tiny.data, cache_latents=False)
     assert config.data.resolution == 64 and config.data.flip_prob == 0.0
+
+
+def test_vae_run_refuses_a_latent_cache(shapes32, tmp_path):
+    config = micro_vae_config(shapes32)
+    cached = dataclasses.replace(config, data=dataclasses.replace(config.data, cache_latents=True))
+    with pytest.raises(ValueError, match="a VAE run trains the encoder"):
+        train_vae(cached, tmp_path)
