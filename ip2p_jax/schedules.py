@@ -31,6 +31,22 @@ _COMMON = {
     "rescale_betas_zero_snr": False,
 }
 
+# Stable Diffusion 1.x's scheduler_config.json (timbrooks/instruct-pix2pix ships the same
+# fields): the config a model trained from scratch here is given. Written out in full,
+# because a field left out takes the reading class's default, and DDIM's clip_sample=True
+# would clip the latents' x0 estimate to [-1, 1] and wreck every image.
+SD_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class NoiseSchedule:

@@ -10,7 +10,7 @@ import jax
 
 from ip2p_jax.checkpoint import COMPONENTS, LoadedComponent, load_component, resolve_model
 from ip2p_jax.memory import move_to_devices
-from ip2p_jax.schedules import NoiseSchedule
+from ip2p_jax.schedules import SD_SCHEDULER_CONFIG, NoiseSchedule
 from ip2p_jax.tokenizer import CLIPTokenizer
 from ip2p_jax.train.config import ModelConfig
 
@@ -61,7 +61,7 @@ def load_models(config: ModelConfig, seed: int = 0) -> ModelSet:
         vae = init_component("vae", config.vae, seed + 1) if config.vae else None
         text_encoder = init_component("text_encoder", config.text_encoder, seed + 2)
         tokenizer = CLIPTokenizer.bundled()
-        schedule = NoiseSchedule()  # SD's scaled_linear schedule
+        schedule = NoiseSchedule.from_dict(SD_SCHEDULER_CONFIG, source="SD_SCHEDULER_CONFIG")
     if config.vae_from:
         vae = load_component(resolve_model(config.vae_from), "vae")
     return ModelSet(unet, vae, text_encoder, tokenizer, schedule)

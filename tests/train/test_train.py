@@ -43,6 +43,9 @@ def test_a_v_prediction_run_exports_a_v_prediction_scheduler(shapes32, tmp_path)
     train(config, tmp_path)
     scheduler = json.loads((tmp_path / "model/scheduler/scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
+    # SD's fields in full: diffusers' DDIM would otherwise clip x0 to [-1, 1] (its default).
+    assert (scheduler["clip_sample"], scheduler["steps_offset"]) == (False, 1)
+    assert scheduler["set_alpha_to_one"] is False
 
 
 def _exported_model_loads_in_diffusers(model: Path, out: Path) -> None:
