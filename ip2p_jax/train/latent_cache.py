@@ -15,6 +15,7 @@ was made from; a cache that no longer matches either is made again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from ip2p_jax.checkpoint import LoadedComponent
 from ip2p_jax.data.augment import BadExample, decode_pair
 from ip2p_jax.data.edit_pairs import EditPairSource
 from ip2p_jax.data.loader import SKIPPED
+from ip2p_jax.models.vae import DiagonalGaussian
 from ip2p_jax.train.config import DataConfig
 
 MANIFEST = "manifest.json"
@@ -52,6 +54,13 @@ def check_cacheable(data: DataConfig) -> None:
             f"but {', '.join(augmenting)} asks for it: set data.flip_prob=0 and "
             f"data.min_resize, data.max_resize to 0, or turn the cache off"
         )
+
+
+def encode_images(vae_module: Any, vae_params: Any, images: jax.Array) -> DiagonalGaussian:
+    """uint8 images [B, H, W, 3] -> the VAE posterior: the one encoding the train step and
+    the cache share, so a cached run sees the numbers a pixel run computes."""
+    pixels = images.astype(jnp.float32) / 127.5 - 1.0
+    return vae_module.apply({"params": vae_params}, pixels, method=vae_module.encode)
 
 
 def vae_fingerprint(vae: LoadedComponent) -> str:
@@ -145,10 +154,7 @@ def _encode_split(
 ) -> None:
     from tqdm import tqdm
 
-    module = vae.module
-    encode = jax.jit(
-        lambda params, images: module.apply({"params": params}, images, method=module.encode)
-    )
+    encode = jax.jit(functools.partial(encode_images, vae.module))
     count = len(source)
     outputs: dict[str, np.lib.format.open_memmap] = {}
     examples: list[dict] = []
@@ -179,8 +185,7 @@ def _encode_split(
                     else np.asarray(image.convert("RGB"))
                 )
         for name, images in pixels.items():
-            batch = jnp.asarray(np.stack(images), jnp.float32) / 127.5 - 1.0
-            posterior = encode(vae.params, batch)
+            posterior = encode(vae.params, jnp.asarray(np.stack(images)))
             moments = np.asarray(jnp.concatenate([posterior.mean, posterior.logvar], axis=-1))
             if name not in outputs:
                 outputs[name] = np.lib.format.open_memmap(

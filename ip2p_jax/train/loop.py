@@ -92,11 +92,9 @@ def train_split(config: Any) -> EditPairSource:
     return EditPairSource(config.data.path, config.data.train_split)
 
 
-def make_loader(
-    config: Any, tokenizer: Tokenizer | None = None, source: Any = None
-) -> EditPairLoader:
-    """Batches of `source` (default: the training split) as `config.data` and
-    `config.batch_size` say."""
+def make_loader(config: Any, tokenizer: Tokenizer | None, source: Any) -> EditPairLoader:
+    """Batches of `source` (a split or its latent cache, from `Task.train_source`) as
+    `config.data` and `config.batch_size` say."""
     data = config.data
     augmentation = Augmentation(
         crop=data.resolution,
@@ -110,8 +108,6 @@ def make_loader(
         seed=config.seed,
         worker_count=data.workers,
     )
-    if source is None:
-        source = train_split(config)
     return EditPairLoader(source, input_config, tokenizer=tokenizer)
 
 

@@ -25,7 +25,7 @@ from ip2p_jax.compilation import jit
 from ip2p_jax.models.vae import DiagonalGaussian
 from ip2p_jax.train import sharding
 from ip2p_jax.train.config import TrainConfig
-from ip2p_jax.train.latent_cache import check_cacheable
+from ip2p_jax.train.latent_cache import check_cacheable, encode_images
 from ip2p_jax.train.loss import diffusion_loss
 from ip2p_jax.train.models import ModelSet, hand_over_weights, keep_shapes_only
 from ip2p_jax.train.optim import (
@@ -167,13 +167,8 @@ def _encode(trainer: Trainer, frozen: dict, batch: dict, key: jax.Array):
             for name in ("input", "edited")
         }
     else:
-        vae = models.vae.module
         posterior = {
-            name: vae.apply(
-                {"params": frozen["vae"]},
-                batch[f"{name}_image"].astype(jnp.float32) / 127.5 - 1.0,
-                method=vae.encode,
-            )
+            name: encode_images(models.vae.module, frozen["vae"], batch[f"{name}_image"])
             for name in ("input", "edited")
         }
     target = posterior["edited"].sample(key) * models.vae.config.scaling_factor
