@@ -114,7 +114,7 @@ def run_demo(
         resolution=size,
     )
     scores = [
-        score_edit(np.asarray(o.convert("RGB")), e.before, e.after)
+        score_edit(np.asarray(o.convert("RGB")), e.before, e.after, e.instruction)
         for o, e in zip(outputs, edits, strict=True)
     ]
     for edit, score in zip(edits, scores, strict=True):

@@ -6,8 +6,9 @@ ones must fail.
 For each held-out example it sends three scenes through the autoencoder (encode, decode) and
 scores them against the true edit: the true after-scene (a right edit, as well as a model
 with this VAE can draw it), a different valid edit of the same scene (a wrong edit) and the
-unedited input. It prints the pass rate of each at the thresholds in worlds/shapes/score.py,
-and per kind the right edits that fail.
+unedited input, each scored with the instruction (which leaves an added shape's exact place
+open). It prints the pass rate of each at the thresholds in worlds/shapes/score.py, and per
+kind the right edits that fail.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main() -> None:
     }
     for name, scenes in cases.items():
         scores = [
-            (r.edit.kind, score_edit(image, r.before, r.after))
+            (r.edit.kind, score_edit(image, r.before, r.after, r.instruction))
             for r, image in zip(records, drawn(scenes), strict=True)
         ]
         table = summarize(scores)

@@ -19,7 +19,8 @@ def test_bundled_scenes_hold_several_valid_edits_per_scene():
     for edit in edits:  # every edit changes its scene and the truth scores as a success
         before, after = render(edit.before, 64), render(edit.after, 64)
         assert not np.array_equal(before, after), edit.instruction
-        assert score_edit(after, edit.before, edit.after).success, edit.instruction
+        score = score_edit(after, edit.before, edit.after, edit.instruction)
+        assert score.success, edit.instruction
     kinds = {e["edit"]["kind"] for entry in entries for e in entry["edits"]}
     assert len(kinds) >= 6  # the demo shows most edit kinds
 

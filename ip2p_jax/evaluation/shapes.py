@@ -58,7 +58,8 @@ def evaluate_shapes(
         )
         for record, image in zip(batch, edited, strict=True):
             pixels = np.asarray(image.convert("RGB").resize((size, size)))
-            results.append((record, score_edit(pixels, record.before, record.after)))
+            score = score_edit(pixels, record.before, record.after, record.instruction)
+            results.append((record, score))
     return summarize((record.edit.kind, score) for record, score in results), results
 
 

@@ -125,3 +125,66 @@ def test_a_removal_instead_of_a_shrink_fails_on_the_pixels_next_to_the_change():
         score = score_edit(S.render(removed, SIZE), record.before, record.after)
         assert not score.success and score.near_agreement < NEAR_AGREEMENT, record.instruction
         assert score.kept_agreement >= 0.95  # the whole-image test alone would pass it
+
+
+def _adds(template: str, count: int = 3) -> list[S.EditRecord]:
+    found = [r for r in records("train", 3000) if r.template == template]
+    assert len(found) >= count, template
+    return found[:count]
+
+
+def _drawn(record: S.EditRecord, **changes) -> np.ndarray:
+    """The before-scene with the added shape drawn as `changes` say."""
+    shape = dataclasses.replace(record.edit.shape, **changes)
+    return S.render(dataclasses.replace(record.after, shapes=(*record.before.shapes, shape)), SIZE)
+
+
+def test_an_added_shape_may_lie_anywhere_in_the_third_the_instruction_names():
+    for record in _adds("put {obj} {where}") + _adds("add {obj_sized} {where}"):
+        shape = record.edit.shape
+        nudged = _drawn(record, x=shape.x + (0.04 if shape.x % (1 / 3) < 1 / 6 else -0.04))
+        assert not score_edit(nudged, record.before, record.after).success  # not the exact spot
+        score = score_edit(nudged, record.before, record.after, record.instruction)
+        assert score.success, record.instruction
+        # PSNR stays that to the generator's after-image, which the nudge moved away from
+        assert score.psnr < PSNR_CAP
+        elsewhere = _drawn(record, x=(shape.x + 0.5) % 1, y=(shape.y + 0.5) % 1)
+        assert not score_edit(elsewhere, record.before, record.after, record.instruction).success
+
+
+def test_an_unplaced_add_succeeds_anywhere_but_not_in_a_wrong_colour_kind_or_named_size():
+    for record in _adds("add {obj}"):
+        shape = record.edit.shape
+        spots = [(x, y) for x in (0.2, 0.5, 0.8) for y in (0.2, 0.5, 0.8)]
+        placed = [
+            dataclasses.replace(shape, x=x, y=y, size="medium")
+            for x, y in spots
+            if not S.scene_problems(
+                dataclasses.replace(
+                    record.after,
+                    shapes=(*record.before.shapes, dataclasses.replace(shape, x=x, y=y)),
+                )
+            )
+        ]
+        assert placed, record.key
+        moved = dataclasses.asdict(placed[0])
+        assert score_edit(_drawn(record, **moved), record.before, record.after, record.instruction)
+        wrong_colour = next(
+            c for c in PALETTE_NAMES if c not in (shape.colour, *record.before.background_colours)
+        )
+        wrong_kind = "cross" if shape.kind != "cross" else "circle"
+        for wrong in ({"colour": wrong_colour}, {"kind": wrong_kind}):
+            image = _drawn(record, **{**moved, "size": "large", **wrong})
+            score = score_edit(image, record.before, record.after, record.instruction)
+            assert not score.success, (record.instruction, wrong)
+    for record in _adds("add {obj_sized} {where}"):
+        other = "small" if record.edit.shape.size == "large" else "large"
+        image = _drawn(record, size=other)
+        assert not score_edit(image, record.before, record.after, record.instruction).success
+
+
+def test_an_instruction_that_is_not_an_add_of_the_world_is_refused_for_an_add():
+    record = _adds("add {obj}", 1)[0]
+    image = S.render(record.after, SIZE)
+    with pytest.raises(ValueError, match="not one add instruction"):
+        score_edit(image, record.before, record.after, "please add something")

@@ -7,19 +7,29 @@ colours, and the pixels it leaves alone keep theirs. Edited pixels are read as t
 palette colour, so small colour noise does not count, a wrong colour does; a changed pixel
 on a shape's edge must be nearer its true after-value than its before-value. PSNR and L1
 to the ground-truth image are reported beside.
+
+An add instruction fixes less than its ground truth: "put a red star at the top" names a
+third of the image, not the point the generator drew, and "add a red star" not even that (nor
+the size). Given the instruction, an added shape is scored where the model drew it: at the
+centre of the largest new patch of its colour, which must lie in the third named, at the size
+named or else the size that fits best; the rest of the scene is scored as for any edit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
-from ip2p_jax.worlds.shapes.palette import COLOURS
+from ip2p_jax.worlds.shapes.palette import COLOURS, SIZE_ORDER
+from ip2p_jax.worlds.shapes.parse import parse_instruction
 from ip2p_jax.worlds.shapes.raster import SUPERSAMPLE, render, shape_coverage
-from ip2p_jax.worlds.shapes.scene import Scene
+from ip2p_jax.worlds.shapes.scene import Scene, Shape
+from ip2p_jax.worlds.shapes.wording import region_phrase
 
 PALETTE_NAMES = tuple(COLOURS)
 _PALETTE = np.asarray([COLOURS[name] for name in PALETTE_NAMES], np.float64)
@@ -37,6 +47,8 @@ CHANGED_AGREEMENT = 0.6
 KEPT_AGREEMENT = 0.95
 NEAR_AGREEMENT = 0.9
 NEAR_RADIUS = 1 / 32  # of the image side: 2 px at 64
+# Share of an added shape's patch that must lie within the shape placed at its centre.
+ADDED_FIT = 0.8
 PSNR_CAP = 100.0  # dB, for an exact match
 # Pixels this close (in pixels, 8-neighbourhood) to a blended edge pixel are not scored
 # either: a model working in an 8x smaller latent space may soften an edge by a pixel
@@ -86,15 +98,80 @@ class EditScore:
     l1: float
 
 
-def score_edit(image: np.ndarray, before: Scene, after: Scene) -> EditScore:
+def score_edit(
+    image: np.ndarray, before: Scene, after: Scene, instruction: str | None = None
+) -> EditScore:
     """Scores an edited image (H, W, 3 uint8, square, at the size the scenes are rendered
     at) against the ground truth: the before-scene and the after-scene (a valid edit of it,
-    so some pixel changes)."""
+    so some pixel changes). With the `instruction` (a shapes-world phrasing), an added shape
+    may lie anywhere the instruction allows (see the module docstring); without it, it must
+    lie where `after` has it."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[0] != image.shape[1] or image.shape[2] < 3:
         raise ValueError(f"expected a square RGB image (S, S, 3), got shape {image.shape}")
-    size = image.shape[0]
     pixels = image[..., :3].astype(np.float64)
+    exact = _score_against(pixels, before, after)
+    added = _added_shape(before, after)
+    if instruction is None or added is None:
+        return exact
+    return _score_addition(pixels, before, after, added, instruction, exact)
+
+
+def _added_shape(before: Scene, after: Scene) -> Shape | None:
+    """The shape an add edit appended (apply_edit puts it last), else None."""
+    if after.shapes[:-1] == before.shapes and len(after.shapes) == len(before.shapes) + 1:
+        return after.shapes[-1]
+    return None
+
+
+def _score_addition(
+    pixels: np.ndarray,
+    before: Scene,
+    after: Scene,
+    added: Shape,
+    instruction: str,
+    exact: EditScore,
+) -> EditScore:
+    """The best score of the added shape placed where the image shows it, at each size the
+    instruction allows; a failure if it lies outside the third the instruction names. PSNR
+    and L1 stay those to the ground-truth image."""
+    parsed = parse_instruction(instruction)
+    if len(parsed) != 1 or parsed[0][0] != "add":
+        raise ValueError(f"{instruction!r} is not one add instruction of the shapes world")
+    fields = parsed[0][2]
+    size = pixels.shape[0]
+    colour = PALETTE_NAMES.index(added.colour)
+    fresh = (nearest_colours(pixels) == colour) & (colour_labels(before, size) != colour)
+    patches, count = ndimage.label(fresh)
+    if count == 0:
+        return exact
+    largest = 1 + int(np.argmax(np.bincount(patches.ravel())[1:]))
+    ys, xs = np.nonzero(patches == largest)
+    x, y = (xs.mean() + 0.5) / size, (ys.mean() + 0.5) / size
+    if "where" in fields and region_phrase(x, y) != fields["where"]:
+        return dataclasses.replace(exact, success=False)
+    patch = patches == largest
+    candidates = []
+    for name in [added.size] if "obj_sized" in fields else SIZE_ORDER:
+        placed = dataclasses.replace(added, size=name, x=x, y=y)
+        score = _score_against(
+            pixels, before, dataclasses.replace(after, shapes=(*before.shapes, placed))
+        )
+        # The patch must also fit in the shape: a star drawn a size too large colours pixels
+        # the near ring (2 px) does not reach.
+        if patch[shape_coverage(placed, size) > 0].sum() < ADDED_FIT * patch.sum():
+            score = dataclasses.replace(score, success=False)
+        candidates.append(score)
+    best = max(
+        candidates,
+        key=lambda c: (c.success, c.changed_agreement + c.kept_agreement + c.near_agreement),
+    )
+    return dataclasses.replace(best, psnr=exact.psnr, l1=exact.l1)
+
+
+def _score_against(pixels: np.ndarray, before: Scene, after: Scene) -> EditScore:
+    """score_edit with `after` taken as the one right result; pixels (S, S, 3) float."""
+    size = pixels.shape[0]
     truth, start = (render(scene, size).astype(np.float64) for scene in (after, before))
     want, was = colour_labels(after, size), colour_labels(before, size)
     pure = (want != BLENDED) & (was != BLENDED)
