@@ -30,7 +30,6 @@ _FIELD_PATTERNS = {
     "ref": _REF_PATTERN,
     "ref2": _REF_PATTERN,
     "colour": _alternatives(COLOURS),
-    "a_colour": f"an? {_alternatives(COLOURS)}",
     "obj": f"an? {_COLOUR_KIND}",
     "obj_sized": f"an? {_alternatives(SIZES)} {_COLOUR_KIND}",
     "where": _alternatives(phrase for row in REGION_PHRASES for phrase in row),
@@ -38,7 +37,7 @@ _FIELD_PATTERNS = {
     "dir_to": _alternatives(DIR_TO.values()),
     **{
         name: _alternatives(words[name] for words in RESIZE_WORDS.values())
-        for name in ("comparative", "verb", "change", "updown")
+        for name in ("comparative", "verb", "change")
     },
 }
 

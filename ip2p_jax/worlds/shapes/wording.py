@@ -42,7 +42,6 @@ def _fields(edit: Edit) -> dict[str, str]:
         fields["ref2"] = edit.other_ref.text()
     if edit.colour is not None:
         fields["colour"] = edit.colour
-        fields["a_colour"] = f"{_article(edit.colour)} {edit.colour}"
     if edit.shape is not None:
         shape = edit.shape
         fields["obj"] = f"{_article(shape.colour)} {shape.colour} {shape.kind}"
