@@ -8,11 +8,14 @@ repeated. The model is loaded once and every edit runs through EditPipeline.edit
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
+
+from ip2p_jax.shipped import SamplingDefaults
 
 # The original app's ranges: s_T uniform in [6, 9], s_I in [1.2, 1.8], seeds up to 100000.
 TEXT_SCALE_RANGE = (6.0, 9.0)
@@ -60,9 +63,10 @@ def check_inputs(image: Image.Image | None, instruction: str | None, steps: Any,
         raise ValueError(f"outputs must be 1 to {MAX_OUTPUTS}, got {outputs}")
 
 
-def build_app(pipeline: Any, *, resolution: int, steps: int, title: str = "ip2p-jax"):
+def build_app(pipeline: Any, defaults: SamplingDefaults, *, title: str = "ip2p-jax"):
     """The Gradio Blocks of the page, editing with ``pipeline`` (an EditPipeline) at
-    ``resolution`` (long side) with ``steps`` sampling steps by default."""
+    ``defaults.resolution`` (long side) with its sampler; the page starts at its steps and
+    scales."""
     import gradio as gr
 
     from ip2p_jax.demo import load_demo_edits
@@ -92,14 +96,15 @@ def build_app(pipeline: Any, *, resolution: int, steps: int, title: str = "ip2p-
             text_scale=request.text_scale,
             image_scale=request.image_scale,
             seed=request.seed,  # output k gets seed + k
-            resolution=resolution,
+            resolution=defaults.resolution,
+            sampler=defaults.sampler,
             progress=False,
         )
         return request.seed, request.text_scale, request.image_scale, edited
 
     def load_example():
         example = rng.choice(examples)
-        image = Image.fromarray(render(example.before, resolution))
+        image = Image.fromarray(render(example.before, defaults.resolution))
         return image, example.instruction
 
     with gr.Blocks(title=title) as page:
@@ -114,15 +119,15 @@ def build_app(pipeline: Any, *, resolution: int, steps: int, title: str = "ip2p-
                 label="Edited images", format="png", columns=2, elem_id="edited-images"
             )
         with gr.Row():
-            steps_box = gr.Number(value=steps, precision=0, label="Steps")
+            steps_box = gr.Number(value=defaults.steps, precision=0, label="Steps")
             outputs_box = gr.Slider(1, MAX_OUTPUTS, value=1, step=1, label="Outputs")
             seed_mode = gr.Radio(["Fix seed", "Randomize seed"], value="Fix seed", label="Seed")
             seed_box = gr.Number(value=1371, precision=0, label="Seed value")
             scale_mode = gr.Radio(
                 ["Fix scales", "Randomize scales"], value="Fix scales", label="Scales"
             )
-            text_scale = gr.Number(value=7.5, label="Text scale s_T")
-            image_scale = gr.Number(value=1.5, label="Image scale s_I")
+            text_scale = gr.Number(value=defaults.text_scale, label="Text scale s_T")
+            image_scale = gr.Number(value=defaults.image_scale, label="Image scale s_I")
         gr.Markdown(
             "Higher **s_I** keeps the edit closer to the input image; higher **s_T** follows "
             "the instruction more strongly. If the edit does too little, lower s_I or raise "
@@ -161,14 +166,14 @@ def launch_app(
     """Loads the model (the bundled shapes model by default) and serves the page; returns
     the Gradio Blocks (already serving when ``block`` is False)."""
     from ip2p_jax.pipeline import EditPipeline
-    from ip2p_jax.shipped import SHAPES_RESOLUTION, SHAPES_STEPS, shipped_model
+    from ip2p_jax.shipped import sampling_defaults, shipped_model
 
     shipped = model is None
     pipeline = EditPipeline.from_pretrained(shipped_model() if shipped else model)
-    page = build_app(
-        pipeline,
-        resolution=resolution or (SHAPES_RESOLUTION if shipped else 512),
-        steps=steps or (SHAPES_STEPS if shipped else 100),
+    defaults = sampling_defaults(shipped)
+    defaults = dataclasses.replace(
+        defaults, resolution=resolution or defaults.resolution, steps=steps or defaults.steps
     )
+    page = build_app(pipeline, defaults)
     page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block)
     return page

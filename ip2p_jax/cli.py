@@ -11,7 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ip2p_jax.evaluation.edits_cli import add_edits_arguments, run_edits
-from ip2p_jax.shipped import SHAPES_RESOLUTION, SHAPES_STEPS, shipped_model
+from ip2p_jax.shipped import (
+    REFERENCE_SAMPLING,
+    SHAPES_SAMPLING,
+    sampling_defaults,
+    shipped_model,
+)
 
 # ip2p_jax.samplers.SAMPLERS' names, written out: importing it would load JAX for --help.
 SAMPLER_NAMES = ("euler_ancestral", "euler", "ddim", "dpmpp_2m")
@@ -90,6 +95,7 @@ def _edit(args: argparse.Namespace) -> int:
 
     if (args.manifest is None) == (args.image is None):
         raise ValueError("give either --image with --instruction and --out, or --manifest")
+    _fill_model_defaults(args)
     if args.manifest is not None:
         if args.out_dir is None:
             raise ValueError("--manifest needs --out-dir")
@@ -113,7 +119,6 @@ def _edit(args: argparse.Namespace) -> int:
                 args.image_scale,
             )
         ]
-    _fill_model_defaults(args)
     pipe = EditPipeline.from_pretrained(args.model)
     edited, skipped = run_jobs(
         pipe,
@@ -154,13 +159,13 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     from ip2p_jax.evaluation.shapes import evaluate_shapes, format_table, write_report
     from ip2p_jax.pipeline import EditPipeline
 
+    _fill_model_defaults(args)
     options = {
         "steps": args.steps,
         "text_scale": args.text_scale,
         "image_scale": args.image_scale,
         "sampler": args.sampler,
     }
-    _fill_model_defaults(args)
     pipe = EditPipeline.from_pretrained(args.model)
     table, results = evaluate_shapes(
         pipe,
@@ -183,8 +188,16 @@ def _scales(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
-def _add_sampler_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sampler", default="euler_ancestral", choices=SAMPLER_NAMES)
+def _default_help(name: str) -> str:
+    """'default: X; Y for the shapes model', from the two SamplingDefaults."""
+    ours, theirs = getattr(SHAPES_SAMPLING, name), getattr(REFERENCE_SAMPLING, name)
+    return f"default: {theirs}" + ("" if ours == theirs else f"; {ours} for the shapes model")
+
+
+def _add_sampler_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--sampler; with no default, _fill_model_defaults picks the model's."""
+    help_text = _default_help("sampler") if default is None else None
+    parser.add_argument("--sampler", default=default, choices=SAMPLER_NAMES, help=help_text)
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -193,26 +206,30 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text-scale", type=float, help=f"s_T ({_default_help('text_scale')})")
+    parser.add_argument("--image-scale", type=float, help=f"s_I ({_default_help('image_scale')})")
+
+
 def _fill_model_defaults(args: argparse.Namespace) -> None:
-    """No --model: the bundled shapes model, at its resolution and step count unless given.
-    With a model: 100 steps at 512 px, the reference's defaults."""
+    """No --model: the bundled shapes model, sampled as its quality table was measured
+    (shipped.SHAPES_SAMPLING) where the arguments leave a setting open. With a model: the
+    reference's settings (100 steps at 512 px, s_T 7.5, s_I 1.5)."""
     shipped = args.model is None
     if shipped:
         args.model = shipped_model()
-    if getattr(args, "steps", 0) is None:
-        args.steps = SHAPES_STEPS if shipped else 100
-    if getattr(args, "resolution", 0) is None:
-        args.resolution = SHAPES_RESOLUTION if shipped else 512
+    defaults = sampling_defaults(shipped)
+    for name in ("steps", "resolution", "text_scale", "image_scale", "sampler"):
+        if getattr(args, name, 0) is None:
+            setattr(args, name, getattr(defaults, name))
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_argument(parser)
-    parser.add_argument(
-        "--steps", type=int, help="sampling steps (default: 100; 20 for the shapes model)"
-    )
+    parser.add_argument("--steps", type=int, help=f"sampling steps ({_default_help('steps')})")
     _add_sampler_argument(parser)
     parser.add_argument(
-        "--resolution", type=int, help="long side, pixels (default: 512; 64 for the shapes model)"
+        "--resolution", type=int, help=f"long side, pixels ({_default_help('resolution')})"
     )
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--seed", type=int, default=0)
@@ -454,8 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--manifest", type=Path, help="JSON lines: image, instruction, ...")
     edit.add_argument("--out-dir", type=Path, help="output folder for --manifest")
     edit.add_argument("--batch-size", type=int, default=4)
-    edit.add_argument("--text-scale", type=float, default=7.5, help="s_T")
-    edit.add_argument("--image-scale", type=float, default=1.5, help="s_I")
+    _add_scale_arguments(edit)
     edit.set_defaults(run=_edit)
 
     grid = commands.add_parser("grid", help="one edit over a grid of s_T x s_I, as one PNG")
@@ -476,9 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--num", type=int, default=200, help="examples")
     shapes.add_argument("--split", default="heldout", choices=["heldout", "validation", "train"])
     shapes.add_argument("--size", type=int, default=64, help="image side, pixels")
-    shapes.add_argument("--steps", type=int, default=SHAPES_STEPS)
-    shapes.add_argument("--text-scale", type=float, default=7.5, help="s_T")
-    shapes.add_argument("--image-scale", type=float, default=1.5, help="s_I")
+    shapes.add_argument("--steps", type=int, help=f"sampling steps ({_default_help('steps')})")
+    _add_scale_arguments(shapes)
     _add_sampler_argument(shapes)
     shapes.add_argument("--batch-size", type=int, default=16)
     shapes.add_argument("--seed", type=int, default=0)
@@ -490,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(and an SDEdit baseline), metrics.json, plot.png, grid.png",
     )
     add_edits_arguments(edits)
-    _add_sampler_argument(edits)
+    _add_sampler_argument(edits, REFERENCE_SAMPLING.sampler)
     edits.set_defaults(run=run_edits)
 
     app = commands.add_parser("app", help="a web page (Gradio) to edit images by instruction")

@@ -96,7 +96,7 @@ def run_demo(
 ) -> int:
     """Edits the bundled scenes with the bundled (or given) model; writes and prints the grid."""
     from ip2p_jax.pipeline import EditPipeline
-    from ip2p_jax.shipped import SHAPES_RESOLUTION, SHAPES_STEPS, shipped_model
+    from ip2p_jax.shipped import SHAPES_SAMPLING, shipped_model
 
     edits = load_demo_edits()
     folder = model or shipped_model()
@@ -105,11 +105,15 @@ def run_demo(
         f"bundled scenes with {folder}"
     )
     pipe = EditPipeline.from_pretrained(folder)
-    size = SHAPES_RESOLUTION
+    sampling = SHAPES_SAMPLING
+    size = sampling.resolution
     outputs = pipe.edit(
         [Image.fromarray(render(e.before, size)) for e in edits],
         [e.instruction for e in edits],
-        steps=steps or SHAPES_STEPS,
+        steps=steps or sampling.steps,
+        text_scale=sampling.text_scale,
+        image_scale=sampling.image_scale,
+        sampler=sampling.sampler,
         seed=seed,
         resolution=size,
     )

@@ -8,11 +8,33 @@ edits shapes scenes; it knows nothing of photographs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 SHAPES_MODEL = Path(__file__).with_name("assets") / "shapes_model"
-SHAPES_RESOLUTION = 64  # the side it was trained at
-SHAPES_STEPS = 20  # sampling steps its quality table was measured with
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How a model is sampled where the user does not say."""
+
+    resolution: int  # long side, pixels
+    steps: int
+    text_scale: float  # s_T
+    image_scale: float  # s_I
+    sampler: str
+
+
+# The reference's edit_cli.py: 512 px, 100 Euler-ancestral steps, s_T 7.5, s_I 1.5.
+REFERENCE_SAMPLING = SamplingDefaults(512, 100, 7.5, 1.5, "euler_ancestral")
+# The bundled model's: the side it was trained at, and the steps and scales its quality table
+# was measured with.
+SHAPES_SAMPLING = SamplingDefaults(64, 20, 7.5, 1.5, "euler_ancestral")
+
+
+def sampling_defaults(shipped: bool) -> SamplingDefaults:
+    """The bundled model's defaults, or the reference's for any other model."""
+    return SHAPES_SAMPLING if shipped else REFERENCE_SAMPLING
 
 
 def shipped_model() -> Path:

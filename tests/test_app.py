@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import random
@@ -19,6 +20,7 @@ from ip2p_jax.app import (
     check_inputs,
     resolve_request,
 )
+from ip2p_jax.shipped import SHAPES_SAMPLING
 
 CHROMIUM = "/usr/bin/chromium"
 # Headless flags for this sandbox: no background connections (the network is closed).
@@ -90,10 +92,11 @@ def served_app(tiny_folder, monkeypatch):
     from ip2p_jax.pipeline import EditPipeline
 
     pipeline = EditPipeline.from_pretrained(tiny_folder)
-    page = build_app(pipeline, resolution=64, steps=3)
+    defaults = dataclasses.replace(SHAPES_SAMPLING, steps=3)
+    page = build_app(pipeline, defaults)
     port = _free_port()
     page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield pipeline, f"http://127.0.0.1:{port}"
+    yield pipeline, f"http://127.0.0.1:{port}", defaults
     page.close()
 
 
@@ -105,7 +108,7 @@ def test_browser_uploads_an_image_and_receives_the_edit(served_app, tmp_path):
     )
     from playwright.sync_api import sync_playwright
 
-    pipeline, url = served_app
+    pipeline, url, defaults = served_app
     scene = np.zeros((64, 64, 3), np.uint8)
     scene[16:48, 8:40] = (220, 30, 30)
     path = tmp_path / "scene.png"
@@ -133,9 +136,10 @@ def test_browser_uploads_an_image_and_receives_the_edit(served_app, tmp_path):
         ["turn the square blue"] * 2,
         steps=3,
         text_scale=6.5,
-        image_scale=1.5,
+        image_scale=defaults.image_scale,  # the page's own default
+        sampler=defaults.sampler,
         seed=7,
-        resolution=64,
+        resolution=defaults.resolution,
         progress=False,
     )
     for got, want in zip(received, expected, strict=True):

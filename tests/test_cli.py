@@ -148,3 +148,22 @@ def test_the_cli_offers_every_sampler():
     from ip2p_jax.samplers import SAMPLERS
 
     assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
+
+
+def test_unset_sampling_options_come_from_the_model_kind(tiny_folder):
+    """No --model: the bundled model, sampled as its quality table was measured; a given
+    model: the reference's settings; an option given on the command line stays."""
+    import argparse
+
+    from ip2p_jax.cli import _fill_model_defaults
+    from ip2p_jax.shipped import REFERENCE_SAMPLING, SHAPES_SAMPLING, shipped_model
+
+    names = ("steps", "resolution", "text_scale", "image_scale", "sampler")
+    for model, want in ((None, SHAPES_SAMPLING), (str(tiny_folder), REFERENCE_SAMPLING)):
+        args = argparse.Namespace(model=model, **dict.fromkeys(names))
+        _fill_model_defaults(args)
+        assert args.model == (model or shipped_model())
+        assert all(getattr(args, name) == getattr(want, name) for name in names)
+    args = argparse.Namespace(model=None, **{**dict.fromkeys(names), "text_scale": 2.0})
+    _fill_model_defaults(args)
+    assert args.text_scale == 2.0 and args.image_scale == SHAPES_SAMPLING.image_scale

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ip2p_jax.cli import main
 from ip2p_jax.evaluation.shapes import evaluate_shapes
-from ip2p_jax.shipped import SHAPES_MODEL, SHAPES_RESOLUTION, SHAPES_STEPS, shipped_model
+from ip2p_jax.shipped import SHAPES_MODEL, SHAPES_SAMPLING, shipped_model
 from ip2p_jax.worlds.shapes import make_record, render
 from ip2p_jax.worlds.shapes.score import score_edit
 
@@ -43,7 +43,7 @@ def test_diffusers_loads_the_bundled_model_and_edits_like_ours(shapes_pipeline):
     from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
 
     record = make_record(0, split="heldout")
-    image = Image.fromarray(render(record.before, SHAPES_RESOLUTION))
+    image = Image.fromarray(render(record.before, SHAPES_SAMPLING.resolution))
     reference = StableDiffusionInstructPix2PixPipeline.from_pretrained(
         SHAPES_MODEL, dtype=torch.float32, safety_checker=None
     )
@@ -52,14 +52,14 @@ def test_diffusers_loads_the_bundled_model_and_edits_like_ours(shapes_pipeline):
     theirs = reference(
         record.instruction,
         image=image,
-        num_inference_steps=SHAPES_STEPS,
+        num_inference_steps=SHAPES_SAMPLING.steps,
         latents=latents,
         output_type="np",
     ).images[0]
     ours = shapes_pipeline.edit_arrays(
         np.asarray(image, np.float32)[None] / 127.5 - 1.0,
         [record.instruction],
-        steps=SHAPES_STEPS,
+        steps=SHAPES_SAMPLING.steps,
         sampler="ddim",
         init_noise=latents.permute(0, 2, 3, 1).numpy(),
     )
@@ -72,8 +72,16 @@ def test_bundled_model_makes_edits_on_unseen_scenes(shapes_pipeline):
     200 the bundled model (13,500 steps) scores 18.0 % success and 22.0 dB mean PSNR to the
     true result, where random weights score 0 % and about 8 dB. The floors catch broken
     weights or sampling, and a model that only copies its input (no success)."""
+    sampling = SHAPES_SAMPLING
     table, _ = evaluate_shapes(
-        shapes_pipeline, num=28, split="validation", steps=SHAPES_STEPS, progress=False
+        shapes_pipeline,
+        num=28,
+        split="validation",
+        steps=sampling.steps,
+        text_scale=sampling.text_scale,
+        image_scale=sampling.image_scale,
+        sampler=sampling.sampler,
+        progress=False,
     )
     assert table["overall"]["psnr"] > 19.0, table
     assert table["overall"]["success"] > 0.0, table
@@ -82,9 +90,9 @@ def test_bundled_model_makes_edits_on_unseen_scenes(shapes_pipeline):
 def test_edit_without_model_uses_the_bundled_one(tmp_path, capsys):
     record = make_record(3, split="heldout")
     source, out = tmp_path / "in.png", tmp_path / "out.png"
-    Image.fromarray(render(record.before, SHAPES_RESOLUTION)).save(source)
+    Image.fromarray(render(record.before, SHAPES_SAMPLING.resolution)).save(source)
     argv = ["edit", "--image", str(source), "--instruction", record.instruction, "--out"]
     assert main([*argv, str(out)]) == 0
     edited = np.asarray(Image.open(out).convert("RGB"))
-    assert edited.shape == (SHAPES_RESOLUTION, SHAPES_RESOLUTION, 3)
+    assert edited.shape == (SHAPES_SAMPLING.resolution, SHAPES_SAMPLING.resolution, 3)
     assert score_edit(edited, record.before, record.after).psnr > 0
