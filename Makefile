@@ -47,9 +47,9 @@ app: setup
 SHAPES_DIR ?= data/shapes
 RUNS ?= runs
 VAE_STEPS ?= 1250
-SHAPES_STEPS ?= 13500
+SHAPES_STEPS ?= 21500
 # The learning rate's linear cool-down: the last SHAPES_DECAY steps.
-SHAPES_DECAY ?= 3500
+SHAPES_DECAY ?= 4000
 train-shapes: setup
 	test -d $(SHAPES_DIR)/edit_pairs || $(PY) -m ip2p_jax.cli datagen shapes --num 20000 --out $(SHAPES_DIR)
 	$(PY) -m ip2p_jax.cli train-vae --config configs/shapes_vae.py --workdir $(RUNS)/shapes_vae \

@@ -50,17 +50,17 @@ def get_config() -> TrainConfig:
         data=DataConfig(
             path="data/shapes", resolution=64, flip_prob=0.0, workers=0, cache_latents=True
         ),
-        # Constant 3e-4, then linear to 0 over the last 3500 steps: a run can be extended at the
+        # Constant 3e-4, then linear to 0 over the last 4000 steps: a run can be extended at the
         # constant rate (--config.steps moves only the cool-down), as the shipped one was.
         optim=OptimConfig(
             learning_rate=3e-4,
             warmup_steps=100,
             weight_decay=0.0,
             schedule="wsd",
-            decay_steps=3500,
+            decay_steps=4000,
         ),
         batch_size=32,
-        steps=13500,
+        steps=21500,
         ema_decay=0.999,
         # From scratch, epsilon prediction learns the high-noise end too slowly: after 1000
         # steps its x0 estimate at t >= 700 was worse than copying the input image's latent,
