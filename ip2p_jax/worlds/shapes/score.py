@@ -145,12 +145,11 @@ def _score_addition(
     patches, count = ndimage.label(fresh)
     if count == 0:
         return exact
-    largest = 1 + int(np.argmax(np.bincount(patches.ravel())[1:]))
-    ys, xs = np.nonzero(patches == largest)
+    patch = patches == 1 + int(np.argmax(np.bincount(patches.ravel())[1:]))
+    ys, xs = np.nonzero(patch)
     x, y = (xs.mean() + 0.5) / size, (ys.mean() + 0.5) / size
     if "where" in fields and region_phrase(x, y) != fields["where"]:
         return dataclasses.replace(exact, success=False)
-    patch = patches == largest
     candidates = []
     for name in [added.size] if "obj_sized" in fields else SIZE_ORDER:
         placed = dataclasses.replace(added, size=name, x=x, y=y)
