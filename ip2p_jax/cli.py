@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ip2p_jax.evaluation.edits_cli import add_edits_arguments, run_edits
+from ip2p_jax.evaluation.edits_cli import add_edits_arguments, comma_floats, run_edits
 from ip2p_jax.shipped import (
     REFERENCE_SAMPLING,
     SHAPES_SAMPLING,
@@ -184,10 +184,6 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scales(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
 def _default_help(name: str) -> str:
     """'default: X; Y for the shapes model', from the two SamplingDefaults."""
     ours, theirs = getattr(SHAPES_SAMPLING, name), getattr(REFERENCE_SAMPLING, name)
@@ -219,9 +215,9 @@ def _fill_model_defaults(args: argparse.Namespace) -> None:
     if shipped:
         args.model = shipped_model()
     defaults = sampling_defaults(shipped)
-    for name in ("steps", "resolution", "text_scale", "image_scale", "sampler"):
-        if getattr(args, name, 0) is None:
-            setattr(args, name, getattr(defaults, name))
+    for field in dataclasses.fields(defaults):
+        if getattr(args, field.name, 0) is None:
+            setattr(args, field.name, getattr(defaults, field.name))
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -479,8 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--image", type=Path, required=True)
     grid.add_argument("--instruction", required=True)
     grid.add_argument("--out", type=Path, required=True)
-    grid.add_argument("--text-scales", type=_scales, default=[3.0, 5.0, 7.5, 10.0])
-    grid.add_argument("--image-scales", type=_scales, default=[1.0, 1.2, 1.5, 2.0])
+    grid.add_argument("--text-scales", type=comma_floats, default=[3.0, 5.0, 7.5, 10.0])
+    grid.add_argument("--image-scales", type=comma_floats, default=[1.0, 1.2, 1.5, 2.0])
     grid.set_defaults(run=_grid)
 
     evaluate = commands.add_parser("eval", help="score edit quality")

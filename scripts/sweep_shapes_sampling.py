@@ -16,13 +16,10 @@ import argparse
 import itertools
 import time
 
+from ip2p_jax.evaluation.edits_cli import comma_floats
 from ip2p_jax.evaluation.shapes import evaluate_shapes, format_table
 from ip2p_jax.pipeline import EditPipeline
 from ip2p_jax.shipped import SHAPES_SAMPLING, shipped_model
-
-
-def _floats(text: str) -> list[float]:
-    return [float(value) for value in text.split(",")]
 
 
 def main() -> None:
@@ -31,8 +28,8 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=200)
     parser.add_argument("--split", default="validation")
     parser.add_argument("--steps", type=int, default=SHAPES_SAMPLING.steps)
-    parser.add_argument("--text-scales", type=_floats, default=[2.0, 3.0, 4.5, 7.5])
-    parser.add_argument("--image-scales", type=_floats, default=[1.5])
+    parser.add_argument("--text-scales", type=comma_floats, default=[2.0, 3.0, 4.5, 7.5])
+    parser.add_argument("--image-scales", type=comma_floats, default=[1.5])
     parser.add_argument("--samplers", default="euler_ancestral")
     args = parser.parse_args()
     pipe = EditPipeline.from_pretrained(args.model or shipped_model())

@@ -15,7 +15,8 @@ from pathlib import Path
 from ip2p_jax.evaluation.sweep import DEFAULT_STRENGTHS, PAPER_IMAGE_SCALES, PAPER_TEXT_SCALES
 
 
-def _floats(text: str) -> list[float]:
+def comma_floats(text: str) -> list[float]:
+    """An argparse type: "1,1.5,2" -> [1.0, 1.5, 2.0]; at least one number."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError as err:
@@ -44,12 +45,12 @@ def add_edits_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--image-scales",
-        type=_floats,
+        type=comma_floats,
         default=list(PAPER_IMAGE_SCALES),
         help="s_I values, comma-separated (default: the paper's 1.0,1.2,...,2.2)",
     )
     parser.add_argument(
-        "--text-scales", type=_floats, default=list(PAPER_TEXT_SCALES), help="s_T values"
+        "--text-scales", type=comma_floats, default=list(PAPER_TEXT_SCALES), help="s_T values"
     )
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--resolution", type=int, default=256, help="square side, pixels")
@@ -62,7 +63,7 @@ def add_edits_arguments(parser: argparse.ArgumentParser) -> None:
         "--sdedit", help="also run SDEdit with this 4-channel text-to-image SD model folder"
     )
     parser.add_argument(
-        "--strengths", type=_floats, default=list(DEFAULT_STRENGTHS), help="SDEdit strengths"
+        "--strengths", type=comma_floats, default=list(DEFAULT_STRENGTHS), help="SDEdit strengths"
     )
     parser.add_argument("--sdedit-scale", type=float, default=7.5, help="SDEdit's text CFG")
     parser.add_argument("--dino", help="also score DINO similarity with this ViT/DINOv2 folder")
