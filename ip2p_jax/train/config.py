@@ -23,6 +23,10 @@ class ModelConfig:
     init_from: str = ""
     vae_from: str = ""  # a separately trained VAE (e.g. `ip2p train-vae`), replacing init's
     in_channels: int = 8
+    # Train the text encoder with the UNet (same optimizer, EMA and export). For a world with
+    # no pretrained encoder: a frozen random one mixes words by position with weights no one
+    # trained, so a new phrasing of a known edit looks new to the UNet.
+    train_text_encoder: bool = False
     unet: dict | None = None
     vae: dict | None = None
     text_encoder: dict | None = None

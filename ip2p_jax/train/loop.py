@@ -32,7 +32,7 @@ from ip2p_jax.data.loader import EditPairLoader, InputConfig, Tokenizer
 from ip2p_jax.train.checkpoints import Checkpoints
 from ip2p_jax.train.config import TrainConfig
 from ip2p_jax.train.latent_cache import LatentSplit, cached_latents
-from ip2p_jax.train.models import load_models
+from ip2p_jax.train.models import ModelSet, load_models
 from ip2p_jax.train.reporting import Reporter
 from ip2p_jax.train.sharding import global_batch, make_mesh
 from ip2p_jax.train.step import Trainer, TrainState, host_metrics, is_finite, make_trainer
@@ -204,9 +204,9 @@ def trained_params(state: TrainState):
     return state.ema_params if state.ema_params is not None else state.params
 
 
-def trained_component(component: LoadedComponent, state: TrainState) -> LoadedComponent:
-    """`component` (the one a run trains) with the state's weights to use, on the host."""
-    return dataclasses.replace(component, params=jax.device_get(trained_params(state)))
+def trained_component(component: LoadedComponent, params: Any) -> LoadedComponent:
+    """`component` (one a run trains) with `params` (from :func:`trained_params`), on the host."""
+    return dataclasses.replace(component, params=jax.device_get(params))
 
 
 def save_grid(
@@ -222,7 +222,8 @@ def save_grid(
 
 
 def unet_task(config: TrainConfig) -> Task:
-    """The InstructPix2Pix UNet, trained on the frozen VAE and text encoder (step.Trainer)."""
+    """The InstructPix2Pix UNet (and the text encoder when the config trains it) on the
+    frozen VAE (step.Trainer)."""
     return Task(
         config,
         build=lambda mesh: make_trainer(config, load_models(config.model, config.seed), mesh),
@@ -247,9 +248,17 @@ def unet_train_source(trainer: Trainer, workdir: Path) -> EditPairSource | Laten
     )
 
 
-def trained_unet(trainer: Trainer, state: TrainState):
-    """The UNet component with the EMA weights (the ones to sample with), or the raw ones."""
-    return trained_component(trainer.models.unet, state)
+def trained_models(trainer: Trainer, state: TrainState) -> ModelSet:
+    """The trainer's models, each trained one with the EMA weights (the ones to sample with),
+    or the raw ones when the run keeps no EMA."""
+    params = trained_params(state)
+    return dataclasses.replace(
+        trainer.models,
+        **{
+            name: trained_component(getattr(trainer.models, name), weights)
+            for name, weights in params.items()
+        },
+    )
 
 
 def validation_grid(
@@ -260,11 +269,11 @@ def validation_grid(
     from ip2p_jax.images import decode_png
     from ip2p_jax.pipeline import EditPipeline
 
-    config, models = trainer.config, trainer.models
+    config, models = trainer.config, trained_models(trainer, state)
     source = EditPairSource(config.data.path, config.data.validation_split)
     examples = [source[i] for i in range(min(config.validation_images, len(source)))]
     pipeline = EditPipeline(
-        trained_unet(trainer, state),
+        models.unet,
         models.vae,
         models.text_encoder,
         models.tokenizer,
@@ -288,13 +297,13 @@ def validation_grid(
 
 
 def export_model(trainer: Trainer, state: TrainState, destination: Path) -> Path:
-    """Our checkpoint folder with the EMA UNet and the frozen parts: `ip2p edit --model` and
-    `ip2p export` (to diffusers) take it."""
+    """Our checkpoint folder with the EMA weights of what the run trained and the frozen
+    parts: `ip2p edit --model` and `ip2p export` (to diffusers) take it."""
     from ip2p_jax.checkpoint import write_checkpoint
 
-    models = trainer.models
+    models = trained_models(trainer, state)
     components = {
-        "unet": trained_unet(trainer, state),
+        "unet": models.unet,
         "vae": models.vae,
         "text_encoder": models.text_encoder,
     }

@@ -17,13 +17,19 @@ from ip2p_jax.train.config import ModelConfig
 
 @dataclasses.dataclass
 class ModelSet:
-    """The UNet (trained), VAE and text encoder (frozen), tokenizer and noise schedule."""
+    """The UNet (trained), VAE (frozen), text encoder (frozen unless the config trains it),
+    tokenizer and noise schedule."""
 
     unet: LoadedComponent
     vae: LoadedComponent
     text_encoder: LoadedComponent
     tokenizer: CLIPTokenizer
     schedule: NoiseSchedule
+
+
+def trained_names(config: ModelConfig) -> tuple[str, ...]:
+    """The components a run trains, in the order of the train state's params."""
+    return ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
 
 
 def init_component(name: str, raw_config: dict, seed: int) -> LoadedComponent:

@@ -1,9 +1,10 @@
 """The train state and the jitted, sharded train step.
 
-One call is one optimizer step on a global batch: frozen VAE and CLIP text encode it, the
-batch is split into `grad_accum` micro-batches scanned for the mean gradient, then AdamW and
-the EMA update. Every random draw comes from the state's key, so a resumed run repeats the
-same noise, and the draws don't depend on how the batch is laid over devices.
+One call is one optimizer step on a global batch: the frozen VAE and the CLIP text encoder
+(frozen, or trained with the UNet when the config says) encode it, the batch is split into
+`grad_accum` micro-batches scanned for the mean gradient, then AdamW and the EMA update.
+Every random draw comes from the state's key, so a resumed run repeats the same noise, and
+the draws don't depend on how the batch is laid over devices.
 """
 
 from __future__ import annotations
@@ -21,13 +22,19 @@ from flax import struct
 from jax.sharding import Mesh
 
 from ip2p_jax import memory
+from ip2p_jax.checkpoint import LoadedComponent
 from ip2p_jax.compilation import jit
 from ip2p_jax.models.vae import DiagonalGaussian
 from ip2p_jax.train import sharding
 from ip2p_jax.train.config import TrainConfig
 from ip2p_jax.train.latent_cache import check_cacheable, encode_images
 from ip2p_jax.train.loss import diffusion_loss
-from ip2p_jax.train.models import ModelSet, hand_over_weights, keep_shapes_only
+from ip2p_jax.train.models import (
+    ModelSet,
+    hand_over_weights,
+    keep_shapes_only,
+    trained_names,
+)
 from ip2p_jax.train.optim import (
     ema_decay,
     learning_rate_schedule,
@@ -43,7 +50,7 @@ class TrainState:
     """Everything that changes during training (and goes into a checkpoint)."""
 
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Any  # the UNet's, fp32 master weights
+    params: Any  # {"unet": ..., ["text_encoder": ...]}: the trained ones, fp32 master weights
     opt_state: Any
     ema_params: Any  # None when ema_decay == 0
     rng: jax.Array  # uint32[2] (raw key data, so checkpoints hold plain arrays)
@@ -57,7 +64,7 @@ class Trainer:
     models: ModelSet
     mesh: Mesh
     optimizer: optax.GradientTransformation
-    frozen: dict  # vae and text params, null text, alphas_cumprod (replicated)
+    frozen: dict  # vae (and frozen text) params, null text or its ids, alphas_cumprod
     state_shardings: Any = None
     step_fn: Callable | None = None
 
@@ -70,15 +77,21 @@ class Trainer:
             rng=jax.random.PRNGKey(self.config.seed),
         )
 
-    def _param_shardings(self):
-        return sharding.param_shardings(self.models.unet.params, self.mesh)
+    def _trained(self) -> dict[str, LoadedComponent]:
+        return {name: getattr(self.models, name) for name in trained_names(self.config.model)}
+
+    def _param_shardings(self) -> dict:
+        return {
+            name: sharding.param_shardings(component.params, self.mesh)
+            for name, component in self._trained().items()
+        }
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, without allocating it (for restoring a
         checkpoint): the optimizer moments inherit the params' layout, the rest replicated."""
         params = jax.tree.map(
             lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-            self.models.unet.params,
+            {name: component.params for name, component in self._trained().items()},
             self._param_shardings(),
         )
         make = jit(self._fresh_state)
@@ -94,17 +107,23 @@ class Trainer:
     def init_state(self) -> TrainState:
         """A fresh state, params and optimizer state laid out by the partition rules.
 
-        The state takes the weights over: the UNet component keeps only their shapes, so the
-        host copy is freed (3.4 GB for SD-1.5, which on a CPU is the same memory the state
-        lives in). Call it once per trainer; restoring uses :meth:`abstract_state`."""
+        The state takes the weights over: each trained component keeps only their shapes, so
+        the host copy is freed (3.4 GB for SD-1.5's UNet, which on a CPU is the same memory
+        the state lives in). Call it once per trainer; restoring uses :meth:`abstract_state`."""
         if self.state_shardings is None:
             self.abstract_state()
-        params = hand_over_weights(self.models.unet, self._param_shardings())
+        shardings = self._param_shardings()
+        params = {
+            name: hand_over_weights(component, shardings[name])
+            for name, component in self._trained().items()
+        }
         return jit(self._fresh_state, out_shardings=self.state_shardings)(params)
 
     def release_loaded_weights(self) -> None:
-        """After restoring a state: the loaded UNet weights are not needed (their shapes are)."""
-        keep_shapes_only(self.models.unet)
+        """After restoring a state: the loaded trained weights are dead weight (their shapes
+        are what the trainer needs)."""
+        for component in self._trained().values():
+            keep_shapes_only(component)
 
     def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         """One optimizer step; returns the new state and scalar metrics."""
@@ -139,28 +158,43 @@ def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
     # validation edits and the exported scheduler config must sample it that way.
     schedule = dataclasses.replace(models.schedule, prediction_type=config.prediction_type)
     models = dataclasses.replace(models, schedule=schedule)
-    text = models.text_encoder
-    null_ids = jnp.asarray(models.tokenizer([""]))
-    null_text = text.module.apply({"params": text.params}, null_ids).last_hidden_state
     replicated = sharding.replicated(mesh)
-    for frozen_part in (models.vae, text):  # placed in place: no host copy stays behind
-        memory.move_to_devices(frozen_part, replicated)
+    memory.move_to_devices(models.vae, replicated)  # in place: no host copy stays behind
     frozen = {
         "vae": models.vae.params,
-        "text": text.params,
-        "null_text": jax.device_put(null_text, replicated),
         "alphas_cumprod": jax.device_put(models.schedule.alphas_cumprod(), replicated),
     }
+    text = models.text_encoder
+    null_ids = jnp.asarray(models.tokenizer([""]))
+    if config.model.train_text_encoder:  # "" is encoded anew by each step's weights
+        frozen["null_ids"] = jax.device_put(null_ids, replicated)
+    else:
+        null_text = text.module.apply({"params": text.params}, null_ids).last_hidden_state
+        memory.move_to_devices(text, replicated)
+        frozen["text"] = text.params
+        frozen["null_text"] = jax.device_put(null_text, replicated)
     optimizer = make_optimizer(config.optim, config.steps)
     return Trainer(config, models, mesh, optimizer, frozen)
 
 
-def _encode(trainer: Trainer, frozen: dict, batch: dict, key: jax.Array):
-    """Frozen encoders: text states, the target latents (a posterior sample, scaled) and the
-    image-conditioning latents (posterior mode, unscaled), as the reference. A batch from a
-    latent cache (train.latent_cache) brings the VAE's posterior moments instead of pixels."""
+def _text_states(trainer: Trainer, params: dict, frozen: dict, input_ids: jax.Array):
+    """(text, null_text): the encoder's last hidden states of the batch and of "", the text
+    conditioning dropout puts in. A trained encoder is differentiated through; a frozen one
+    is not, and its "" was encoded once."""
+    module = trainer.models.text_encoder.module
+    if "text_encoder" not in params:
+        text = module.apply({"params": frozen["text"]}, input_ids).last_hidden_state
+        return jax.lax.stop_gradient(text), frozen["null_text"]
+    weights = {"params": params["text_encoder"]}
+    text = module.apply(weights, input_ids).last_hidden_state
+    return text, module.apply(weights, frozen["null_ids"]).last_hidden_state
+
+
+def _encode_images(trainer: Trainer, frozen: dict, batch: dict, key: jax.Array):
+    """Frozen VAE: the target latents (a posterior sample, scaled) and the image-conditioning
+    latents (posterior mode, unscaled), as the reference. A batch from a latent cache
+    (train.latent_cache) brings the VAE's posterior moments instead of pixels."""
     models = trainer.models
-    text = models.text_encoder.module.apply({"params": frozen["text"]}, batch["input_ids"])
     if "edited_moments" in batch:
         posterior = {
             name: DiagonalGaussian.from_moments(batch[f"{name}_moments"])
@@ -173,24 +207,21 @@ def _encode(trainer: Trainer, frozen: dict, batch: dict, key: jax.Array):
         }
     target = posterior["edited"].sample(key) * models.vae.config.scaling_factor
     image_latent = posterior["input"].mode()
-    return (
-        jax.lax.stop_gradient(text.last_hidden_state),
-        jax.lax.stop_gradient(target),
-        jax.lax.stop_gradient(image_latent),
-    )
+    return jax.lax.stop_gradient(target), jax.lax.stop_gradient(image_latent)
 
 
 def _micro_loss(trainer: Trainer, params, frozen: dict, micro: dict, key: jax.Array):
     config = trainer.config
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     keys = jax.random.split(key, 4)
-    text, latents, image_latent = _encode(trainer, frozen, micro, keys[0])
+    text, null_text = _text_states(trainer, params, frozen, micro["input_ids"])
+    latents, image_latent = _encode_images(trainer, frozen, micro, keys[0])
     batch = latents.shape[0]
     noise = jax.random.normal(keys[1], latents.shape, latents.dtype)
     timesteps = jax.random.randint(keys[2], (batch,), 0, frozen["alphas_cumprod"].shape[0])
     draw = jax.random.uniform(keys[3], (batch,))
     unet = trainer.models.unet.module
-    cast = jax.tree.map(lambda p: p.astype(dtype), params)
+    cast = jax.tree.map(lambda p: p.astype(dtype), params["unet"])
 
     def denoise(x, t, context):
         return unet.apply({"params": cast}, x.astype(dtype), t, context.astype(dtype))
@@ -202,7 +233,7 @@ def _micro_loss(trainer: Trainer, params, frozen: dict, micro: dict, key: jax.Ar
         latents=latents,
         image_latent=image_latent,
         text=text,
-        null_text=frozen["null_text"],
+        null_text=null_text,
         noise=noise,
         timesteps=timesteps,
         dropout_draw=draw,

@@ -267,7 +267,7 @@ def export_vae(trainer: VAETrainer, state: TrainState, destination: Path) -> Pat
     from ip2p_jax.schedules import NoiseSchedule
     from ip2p_jax.tokenizer import CLIPTokenizer
 
-    vae = trained_component(trainer.vae, state)
+    vae = trained_component(trainer.vae, trained_params(state))
     if trainer.config.fit_scaling_factor:
         scale = latent_scale(trainer, vae.params)
         vae = dataclasses.replace(

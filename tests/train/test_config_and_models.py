@@ -116,10 +116,12 @@ def test_the_state_takes_the_weights_over_and_no_host_copy_stays():
     for frozen in (models.vae.params, models.text_encoder.params):  # placed where they were
         assert all(isinstance(p, jax.Array) for p in jax.tree.leaves(frozen))
     state = trainer.init_state()
-    np.testing.assert_array_equal(np.asarray(state.params["conv_in"]["kernel"]), host_kernel)
+    np.testing.assert_array_equal(
+        np.asarray(state.params["unet"]["conv_in"]["kernel"]), host_kernel
+    )
     shapes = jax.tree.leaves(models.unet.params)
     assert shapes and all(isinstance(p, jax.ShapeDtypeStruct) for p in shapes)
-    assert trainer.abstract_state().params["conv_in"]["kernel"].shape == host_kernel.shape
+    assert trainer.abstract_state().params["unet"]["conv_in"]["kernel"].shape == host_kernel.shape
     with pytest.raises(RuntimeError, match="called before"):
         trainer.init_state()
 

@@ -64,6 +64,32 @@ def _exported_model_loads_in_diffusers(model: Path, out: Path) -> None:
     assert pipe.unet.config.in_channels == 8 and isinstance(theirs, torch.Tensor)
 
 
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_the_text_encoder_is_trained_only_when_the_config_says(
+    shapes32, tmp_path, train_text_encoder
+):
+    from ip2p_jax.checkpoint import load_component
+    from ip2p_jax.train.models import load_models
+
+    config = micro_config(shapes32, steps=3)
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, train_text_encoder=train_text_encoder)
+    )
+    state = train(config, tmp_path)
+    initial = load_models(config.model, config.seed).text_encoder.params
+    exported = load_component(tmp_path / "model", "text_encoder").params
+    assert set(state.params) == ({"unet", "text_encoder"} if train_text_encoder else {"unet"})
+    # The export holds the EMA of what was trained, else the initial encoder untouched.
+    expected = state.ema_params["text_encoder"] if train_text_encoder else initial
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    changed = [
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(initial), strict=True)
+    ]
+    assert any(changed) == train_text_encoder
+
+
 def test_resumed_run_equals_the_straight_run(shapes32, tmp_path):
     straight = train(micro_config(shapes32), tmp_path / "straight")
     half = micro_config(shapes32, steps=3)
