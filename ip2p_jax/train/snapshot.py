@@ -30,7 +30,8 @@ def run_task(workdir: str | os.PathLike) -> Task:
         raise FileNotFoundError(f"{path} not found: {workdir} is not an `ip2p train` workdir")
     fields = json.loads(path.read_text())
     for config_class, make_task in ((TrainConfig, unet_task), (VAETrainConfig, vae_task)):
-        if set(fields) == {field.name for field in dataclasses.fields(config_class)}:
+        # A subset: a run written before a field existed gets that field's default.
+        if set(fields) <= {field.name for field in dataclasses.fields(config_class)}:
             return make_task(config_from_dict(config_class, fields))
     raise ValueError(
         f"{path} matches neither a TrainConfig nor a VAETrainConfig (fields: {sorted(fields)})"
@@ -38,10 +39,13 @@ def run_task(workdir: str | os.PathLike) -> Task:
 
 
 def config_from_dict(config_class: type, fields: dict[str, Any]) -> Any:
-    """`dataclasses.asdict` undone: nested config dataclasses are rebuilt from their dicts."""
+    """`dataclasses.asdict` undone: nested config dataclasses are rebuilt from their dicts.
+    A field missing from `fields` (added after the run was written) keeps its default."""
     hints = typing.get_type_hints(config_class)
     values = {}
     for field in dataclasses.fields(config_class):
+        if field.name not in fields:
+            continue
         value = fields[field.name]
         if dataclasses.is_dataclass(hints[field.name]):
             value = config_from_dict(hints[field.name], value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
@@ -54,6 +56,11 @@ def test_config_round_trips_through_the_run_folder(shapes32, tmp_path):
 
     config = micro_config(shapes32, steps=3, prediction_type="v_prediction")
     train(config, tmp_path)
+    assert run_task(tmp_path).config == config
+    # A run written before a field existed gets the field's default.
+    written = json.loads((tmp_path / "config.json").read_text())
+    del written["model"]["train_text_encoder"], written["remat"]
+    (tmp_path / "config.json").write_text(json.dumps(written))
     assert run_task(tmp_path).config == config
     with pytest.raises(FileNotFoundError):
         run_task(tmp_path / "nowhere")
