@@ -41,15 +41,18 @@ demo: setup
 app: setup
 	$(PY) -m ip2p_jax.cli app
 
-# The shapes world end to end: data, the VAE, then the editing model (long on a CPU;
-# SHAPES_STEPS / VAE_STEPS shorten it, e.g. make train-shapes VAE_STEPS=300 SHAPES_STEPS=500
-# SHAPES_DECAY=100).
+# The shapes world end to end: data, the VAE, then the editing model in two stages: the UNet
+# on the frozen random text encoder, then both trained together from stage 1's model (long on
+# a CPU; the *_STEPS shorten it, e.g. make train-shapes VAE_STEPS=300 SHAPES_STEPS=500
+# SHAPES_DECAY=100 TEXT_STEPS=200 TEXT_DECAY=100).
 SHAPES_DIR ?= data/shapes
 RUNS ?= runs
 VAE_STEPS ?= 1250
 SHAPES_STEPS ?= 21500
 # The learning rate's linear cool-down: the last SHAPES_DECAY steps.
 SHAPES_DECAY ?= 4000
+TEXT_STEPS ?= 2250
+TEXT_DECAY ?= 1500
 train-shapes: setup
 	test -d $(SHAPES_DIR)/edit_pairs || $(PY) -m ip2p_jax.cli datagen shapes --num 20000 --out $(SHAPES_DIR)
 	$(PY) -m ip2p_jax.cli train-vae --config configs/shapes_vae.py --workdir $(RUNS)/shapes_vae \
@@ -58,12 +61,17 @@ train-shapes: setup
 		--resume --config.data.path=$(SHAPES_DIR) --config.steps=$(SHAPES_STEPS) \
 		--config.optim.decay_steps=$(SHAPES_DECAY) \
 		--config.model.vae_from=$(RUNS)/shapes_vae/vae_model
+	$(PY) -m ip2p_jax.cli train --config configs/shapes_tiny.py --workdir $(RUNS)/shapes_joint \
+		--resume --config.data.path=$(SHAPES_DIR) --config.steps=$(TEXT_STEPS) \
+		--config.optim.decay_steps=$(TEXT_DECAY) --config.model.train_text_encoder=True \
+		--config.model.init_from=$(RUNS)/shapes_tiny/model \
+		--config.model.vae_from=$(RUNS)/shapes_vae/vae_model
 
-# The shapes run's newest checkpoint (EMA) -> the package's bundled model (diffusers
+# The second stage's newest checkpoint (EMA) -> the package's bundled model (diffusers
 # layout, float16).
 ship-shapes: setup
-	$(PY) -m ip2p_jax.cli export-run $(RUNS)/shapes_tiny $(RUNS)/shapes_tiny/snapshot --overwrite
-	$(PY) -m ip2p_jax.cli export $(RUNS)/shapes_tiny/snapshot ip2p_jax/assets/shapes_model \
+	$(PY) -m ip2p_jax.cli export-run $(RUNS)/shapes_joint $(RUNS)/shapes_joint/snapshot --overwrite
+	$(PY) -m ip2p_jax.cli export $(RUNS)/shapes_joint/snapshot ip2p_jax/assets/shapes_model \
 		--dtype float16 --overwrite
 	cp docs/shapes_model_card.md ip2p_jax/assets/shapes_model/README.md
 

@@ -4,6 +4,12 @@ ip2p datagen shapes --num 20000 --out data/shapes
 ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_tiny
 ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_tiny \
     --config.steps=300 --config.optim.decay_steps=100
+
+The shipped model's second stage trains the text encoder too, from the first stage's model
+(`make train-shapes` runs both):
+ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_joint \
+    --config.model.init_from=runs/shapes_tiny/model --config.model.train_text_encoder=True \
+    --config.steps=2250 --config.optim.decay_steps=1500
 """
 
 from ip2p_jax.train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
