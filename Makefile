@@ -53,19 +53,18 @@ SHAPES_STEPS ?= 21500
 SHAPES_DECAY ?= 4000
 TEXT_STEPS ?= 2250
 TEXT_DECAY ?= 1500
+# Both UNet stages: the shapes config, resumable, on the data and the VAE trained here.
+TRAIN_SHAPES_UNET := $(PY) -m ip2p_jax.cli train --config configs/shapes_tiny.py --resume \
+	--config.data.path=$(SHAPES_DIR) --config.model.vae_from=$(RUNS)/shapes_vae/vae_model
 train-shapes: setup
 	test -d $(SHAPES_DIR)/edit_pairs || $(PY) -m ip2p_jax.cli datagen shapes --num 20000 --out $(SHAPES_DIR)
 	$(PY) -m ip2p_jax.cli train-vae --config configs/shapes_vae.py --workdir $(RUNS)/shapes_vae \
 		--resume --config.data.path=$(SHAPES_DIR) --config.steps=$(VAE_STEPS)
-	$(PY) -m ip2p_jax.cli train --config configs/shapes_tiny.py --workdir $(RUNS)/shapes_tiny \
-		--resume --config.data.path=$(SHAPES_DIR) --config.steps=$(SHAPES_STEPS) \
-		--config.optim.decay_steps=$(SHAPES_DECAY) \
-		--config.model.vae_from=$(RUNS)/shapes_vae/vae_model
-	$(PY) -m ip2p_jax.cli train --config configs/shapes_tiny.py --workdir $(RUNS)/shapes_joint \
-		--resume --config.data.path=$(SHAPES_DIR) --config.steps=$(TEXT_STEPS) \
-		--config.optim.decay_steps=$(TEXT_DECAY) --config.model.train_text_encoder=True \
-		--config.model.init_from=$(RUNS)/shapes_tiny/model \
-		--config.model.vae_from=$(RUNS)/shapes_vae/vae_model
+	$(TRAIN_SHAPES_UNET) --workdir $(RUNS)/shapes_tiny \
+		--config.steps=$(SHAPES_STEPS) --config.optim.decay_steps=$(SHAPES_DECAY)
+	$(TRAIN_SHAPES_UNET) --workdir $(RUNS)/shapes_joint \
+		--config.steps=$(TEXT_STEPS) --config.optim.decay_steps=$(TEXT_DECAY) \
+		--config.model.train_text_encoder=True --config.model.init_from=$(RUNS)/shapes_tiny/model
 
 # The second stage's newest checkpoint (EMA) -> the package's bundled model (diffusers
 # layout, float16).
