@@ -1,5 +1,6 @@
 """Decoding and paired augmentation of one edit pair: both images get the same resize, the
-same random crop and the same flip, or the edit the pair teaches would be corrupted."""
+same random crop and the same flip, or the edit the pair teaches would be corrupted; and
+word dropout on its instruction."""
 
 from __future__ import annotations
 
@@ -93,3 +94,13 @@ def _resize_short_side(image: Image.Image, short: int) -> np.ndarray:
         size = (max(short, round(width * scale)), max(short, round(height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS)
     return np.asarray(image, dtype=np.uint8)
+
+
+def drop_words(instruction: str, probability: float, rng: np.random.Generator) -> str:
+    """The instruction with each (whitespace-separated) word left out with `probability`;
+    the whole instruction where every word would go, so the text never becomes empty (the
+    empty text is the null condition that dropout of the text trains)."""
+    words = instruction.split()
+    dropped = rng.random(len(words)) < probability
+    kept = [word for word, drop in zip(words, dropped, strict=True) if not drop]
+    return " ".join(kept) if kept else instruction

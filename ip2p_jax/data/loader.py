@@ -23,7 +23,13 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
-from ip2p_jax.data.augment import Augmentation, BadExample, augment_pair, decode_pair
+from ip2p_jax.data.augment import (
+    Augmentation,
+    BadExample,
+    augment_pair,
+    decode_pair,
+    drop_words,
+)
 
 SKIPPED = "skipped"  # an element that stands for a skipped example: {SKIPPED: reason, ...}
 
@@ -44,14 +50,25 @@ class InputConfig:
     drop_remainder: bool = True  # a last partial batch would change the step's shapes
     worker_count: int = 0  # decoding processes; 0 decodes in this process
     worker_buffer_size: int = 2
+    # Each word of an instruction is left out with this probability before tokenizing
+    # (augment.drop_words): a text encoder trained from scratch then learns what each word
+    # says on its own, which is what a phrasing it never read needs.
+    word_dropout: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise ValueError(f"word_dropout must be in [0, 1), got {self.word_dropout}")
 
 
 class _DecodeAugmentTokenize(grain.transforms.RandomMap):
     """One example -> training arrays, or a skip marker that the batcher counts."""
 
-    def __init__(self, augmentation: Augmentation, tokenizer: Tokenizer | None):
+    def __init__(
+        self, augmentation: Augmentation, tokenizer: Tokenizer | None, word_dropout: float
+    ):
         self.augmentation = augmentation
         self.tokenizer = tokenizer
+        self.word_dropout = word_dropout
 
     def random_map(self, example: Mapping[str, Any], rng: np.random.Generator) -> dict:
         try:
@@ -61,16 +78,17 @@ class _DecodeAugmentTokenize(grain.transforms.RandomMap):
         except BadExample as bad:
             return _skip(example, bad)
         element = {"input_image": before, "edited_image": after}
-        return _with_text(element, example, self.tokenizer)
+        return _with_text(element, example, self.tokenizer, self.word_dropout, rng)
 
 
-class _TokenizeLatents(grain.transforms.Map):
+class _TokenizeLatents(grain.transforms.RandomMap):
     """One example of a latent cache (moments already encoded) -> training arrays."""
 
-    def __init__(self, tokenizer: Tokenizer | None):
+    def __init__(self, tokenizer: Tokenizer | None, word_dropout: float):
         self.tokenizer = tokenizer
+        self.word_dropout = word_dropout
 
-    def map(self, example: Mapping[str, Any]) -> dict:
+    def random_map(self, example: Mapping[str, Any], rng: np.random.Generator) -> dict:
         if SKIPPED in example:
             return dict(example)
         try:
@@ -78,7 +96,7 @@ class _TokenizeLatents(grain.transforms.Map):
         except BadExample as bad:
             return _skip(example, bad)
         element = {name: example[name] for name in ("input_moments", "edited_moments")}
-        return _with_text(element, example, self.tokenizer)
+        return _with_text(element, example, self.tokenizer, self.word_dropout, rng)
 
 
 def _check_instruction(example: Mapping[str, Any]) -> None:
@@ -90,11 +108,21 @@ def _skip(example: Mapping[str, Any], bad: BadExample) -> dict:
     return {SKIPPED: bad.reason, "detail": str(bad), "key": example.get("key", "?")}
 
 
-def _with_text(element: dict, example: Mapping[str, Any], tokenizer: Tokenizer | None) -> dict:
-    """The example's instruction, key and (with a tokenizer) token ids added to `element`."""
-    element.update(instruction=example["instruction"], key=example.get("key", "?"))
+def _with_text(
+    element: dict,
+    example: Mapping[str, Any],
+    tokenizer: Tokenizer | None,
+    word_dropout: float,
+    rng: np.random.Generator,
+) -> dict:
+    """The example's instruction (words dropped as `word_dropout` says: the text trained
+    on), key and (with a tokenizer) token ids added to `element`."""
+    instruction = example["instruction"]
+    if word_dropout:
+        instruction = drop_words(instruction, word_dropout, rng)
+    element.update(instruction=instruction, key=example.get("key", "?"))
     if tokenizer is not None:
-        element["input_ids"] = np.asarray(tokenizer([example["instruction"]])[0], np.int32)
+        element["input_ids"] = np.asarray(tokenizer([instruction])[0], np.int32)
     return element
 
 
@@ -153,8 +181,10 @@ class EditPairLoader:
     def _prepare(self) -> grain.transforms.Map | grain.transforms.RandomMap:
         # A latent cache (train.latent_cache) holds encoded, un-augmented examples.
         if getattr(self.source, "holds_latents", False):
-            return _TokenizeLatents(self.tokenizer)
-        return _DecodeAugmentTokenize(self.config.augmentation, self.tokenizer)
+            return _TokenizeLatents(self.tokenizer, self.config.word_dropout)
+        return _DecodeAugmentTokenize(
+            self.config.augmentation, self.tokenizer, self.config.word_dropout
+        )
 
 
 class BatchIterator(Iterator[dict[str, np.ndarray]]):

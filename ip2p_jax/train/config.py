@@ -47,6 +47,9 @@ class DataConfig:
     # Encode the split once with the frozen VAE (into workdir/latents) and train on that:
     # no augmentation then, and about half the step time saved on small models.
     cache_latents: bool = False
+    # Probability of leaving out each word of a training instruction (data.InputConfig);
+    # for a text encoder trained from scratch (model.train_text_encoder).
+    word_dropout: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,6 +107,7 @@ def make_loader(config: Any, tokenizer: Tokenizer | None, source: Any) -> EditPa
         augmentation=augmentation,
         seed=config.seed,
         worker_count=data.workers,
+        word_dropout=data.word_dropout,
     )
     return EditPairLoader(source, input_config, tokenizer=tokenizer)
 

@@ -1,14 +1,15 @@
 """The grain input pipeline: deterministic order, exact resume, process shards, paired
-augmentation, bad data skipped and counted, worker processes."""
+augmentation, word dropout, bad data skipped and counted, worker processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
 import pytest
 
-from ip2p_jax.data.augment import Augmentation
+from ip2p_jax.data.augment import Augmentation, drop_words
 from ip2p_jax.data.edit_pairs import EditPairSource, write_dataset
 from ip2p_jax.data.loader import EditPairLoader, InputConfig
 from ip2p_jax.data.schema import make_example
@@ -146,3 +147,74 @@ def test_worker_processes_give_the_same_batches(pairs_dataset):
 def test_augmentation_rejects_impossible_sizes():
     with pytest.raises(ValueError, match="crop <= min_resize"):
         Augmentation(crop=64, min_resize=32, max_resize=32)
+
+
+def _is_subsequence(words: list[str], of: list[str]) -> bool:
+    rest = iter(of)
+    return all(word in rest for word in words)
+
+
+def test_drop_words_keeps_the_order_and_never_empties_the_text():
+    rng = np.random.default_rng(0)
+    text = "change the colour of the star to blue"
+    assert drop_words(text, 0.0, rng) == text
+    outs = [drop_words(text, 0.25, rng) for _ in range(400)]
+    assert all(_is_subsequence(out.split(), text.split()) for out in outs)
+    kept = np.mean([len(out.split()) for out in outs]) / len(text.split())
+    assert 0.7 < kept < 0.8  # about 1 - 0.25 of the words stay
+    assert {drop_words(text, 0.999, rng) for _ in range(20)} == {text}  # never ""
+
+
+class _Latents:
+    """A stand-in latent cache: what train.latent_cache.LatentSplit yields."""
+
+    holds_latents = True
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> dict:
+        moments = np.full((2, 2, 8), index, np.float32)
+        return {
+            "input_moments": moments,
+            "edited_moments": moments,
+            "instruction": f"make the small red star number {index} blue",
+            "key": f"lat/{index}",
+        }
+
+
+@pytest.mark.parametrize("latents", [False, True], ids=["pixels", "latent_cache"])
+def test_word_dropout_changes_the_tokenized_text_the_same_way_each_run(pairs_dataset, latents):
+    tokenizer = CLIPTokenizer.bundled()
+    config = InputConfig(batch_size=8, augmentation=SMALL, seed=3, word_dropout=0.3)
+    source = _Latents() if latents else EditPairSource(pairs_dataset, "train")
+
+    def texts(word_dropout: float) -> list[tuple[str, str, np.ndarray]]:
+        loader = EditPairLoader(
+            source,
+            dataclasses.replace(config, word_dropout=word_dropout),
+            tokenizer=tokenizer,
+            shard_index=0,
+            shard_count=1,
+        )
+        batches = itertools.islice(iter(loader), 4)
+        return [
+            (str(key), str(text), ids)
+            for batch in batches
+            for key, text, ids in zip(
+                batch["key"], batch["instruction"], batch["input_ids"], strict=True
+            )
+        ]
+
+    full = {key: text for key, text, _ in texts(0.0)}
+    dropped = texts(0.3)
+    for key, text, ids in dropped:
+        assert _is_subsequence(text.split(), full[key].split())
+        assert np.array_equal(ids, tokenizer([text])[0])  # the ids are the dropped text's
+    assert sum(text != full[key] for key, text, _ in dropped) > len(dropped) // 2
+    assert [text for _, text, _ in texts(0.3)] == [text for _, text, _ in dropped]
+
+
+def test_word_dropout_must_be_a_probability_below_one():
+    with pytest.raises(ValueError, match=r"word_dropout must be in \[0, 1\), got 1.0"):
+        InputConfig(batch_size=4, word_dropout=1.0)

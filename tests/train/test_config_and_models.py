@@ -135,3 +135,11 @@ def test_a_restored_run_releases_the_loaded_weights():
     shapes = jax.tree.leaves(models.unet.params)
     assert shapes and all(isinstance(p, jax.ShapeDtypeStruct) for p in shapes)
     assert trainer.abstract_state().params.keys() == abstract.params.keys()
+
+
+def test_data_word_dropout_reaches_the_input_pipeline():
+    from ip2p_jax.train.loop import make_loader
+
+    config = apply_override(micro_config("data"), "--config.data.word_dropout=0.2")
+    loader = make_loader(config, None, [{"instruction": "make it red"}] * config.batch_size)
+    assert loader.config.word_dropout == 0.2
