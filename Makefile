@@ -41,10 +41,11 @@ demo: setup
 app: setup
 	$(PY) -m ip2p_jax.cli app
 
-# The shapes world end to end: data, the VAE, then the editing model in two stages: the UNet
-# on the frozen random text encoder, then both trained together from stage 1's model (long on
-# a CPU; the *_STEPS shorten it, e.g. make train-shapes VAE_STEPS=300 SHAPES_STEPS=500
-# SHAPES_DECAY=100 TEXT_STEPS=200 TEXT_DECAY=100).
+# The shapes world end to end: data, the VAE, then the editing model in three stages: the UNet
+# on the frozen random text encoder; both trained together from stage 1's model; then both
+# again from stage 2's with word dropout on the instructions (long on a CPU; the *_STEPS
+# shorten it, e.g. make train-shapes VAE_STEPS=300 SHAPES_STEPS=500 SHAPES_DECAY=100
+# TEXT_STEPS=200 TEXT_DECAY=100 WORD_STEPS=200 WORD_DECAY=100).
 SHAPES_DIR ?= data/shapes
 RUNS ?= runs
 VAE_STEPS ?= 1250
@@ -53,6 +54,9 @@ SHAPES_STEPS ?= 21500
 SHAPES_DECAY ?= 4000
 TEXT_STEPS ?= 2250
 TEXT_DECAY ?= 1500
+WORD_STEPS ?= 4000
+WORD_DECAY ?= 2000
+WORD_DROPOUT ?= 0.1
 # Both UNet stages: the shapes config, resumable, on the data and the VAE trained here.
 TRAIN_SHAPES_UNET := $(PY) -m ip2p_jax.cli train --config configs/shapes_tiny.py --resume \
 	--config.data.path=$(SHAPES_DIR) --config.model.vae_from=$(RUNS)/shapes_vae/vae_model
@@ -65,12 +69,16 @@ train-shapes: setup
 	$(TRAIN_SHAPES_UNET) --workdir $(RUNS)/shapes_joint \
 		--config.steps=$(TEXT_STEPS) --config.optim.decay_steps=$(TEXT_DECAY) \
 		--config.model.train_text_encoder=True --config.model.init_from=$(RUNS)/shapes_tiny/model
+	$(TRAIN_SHAPES_UNET) --workdir $(RUNS)/shapes_words \
+		--config.steps=$(WORD_STEPS) --config.optim.decay_steps=$(WORD_DECAY) \
+		--config.data.word_dropout=$(WORD_DROPOUT) \
+		--config.model.train_text_encoder=True --config.model.init_from=$(RUNS)/shapes_joint/model
 
-# The second stage's newest checkpoint (EMA) -> the package's bundled model (diffusers
+# The third stage's newest checkpoint (EMA) -> the package's bundled model (diffusers
 # layout, float16).
 ship-shapes: setup
-	$(PY) -m ip2p_jax.cli export-run $(RUNS)/shapes_joint $(RUNS)/shapes_joint/snapshot --overwrite
-	$(PY) -m ip2p_jax.cli export $(RUNS)/shapes_joint/snapshot ip2p_jax/assets/shapes_model \
+	$(PY) -m ip2p_jax.cli export-run $(RUNS)/shapes_words $(RUNS)/shapes_words/snapshot --overwrite
+	$(PY) -m ip2p_jax.cli export $(RUNS)/shapes_words/snapshot ip2p_jax/assets/shapes_model \
 		--dtype float16 --overwrite
 	cp docs/shapes_model_card.md ip2p_jax/assets/shapes_model/README.md
 

@@ -5,11 +5,15 @@ ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_tiny
 ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_tiny \
     --config.steps=300 --config.optim.decay_steps=100
 
-The shipped model's second stage trains the text encoder too, from the first stage's model
-(`make train-shapes` runs both):
+The shipped model's second stage trains the text encoder too, from the first stage's model,
+and its third goes on from the second's with word dropout on the instructions (`make
+train-shapes` runs all three):
 ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_joint \
     --config.model.init_from=runs/shapes_tiny/model --config.model.train_text_encoder=True \
     --config.steps=2250 --config.optim.decay_steps=1500
+ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_words \
+    --config.model.init_from=runs/shapes_joint/model --config.model.train_text_encoder=True \
+    --config.data.word_dropout=0.1 --config.steps=4000 --config.optim.decay_steps=2000
 """
 
 from ip2p_jax.train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
