@@ -57,7 +57,7 @@ TEXT_DECAY ?= 1500
 WORD_STEPS ?= 4000
 WORD_DECAY ?= 2000
 WORD_DROPOUT ?= 0.1
-# Both UNet stages: the shapes config, resumable, on the data and the VAE trained here.
+# All three UNet stages: the shapes config, resumable, on the data and the VAE trained here.
 TRAIN_SHAPES_UNET := $(PY) -m ip2p_jax.cli train --config configs/shapes_tiny.py --resume \
 	--config.data.path=$(SHAPES_DIR) --config.model.vae_from=$(RUNS)/shapes_vae/vae_model
 train-shapes: setup

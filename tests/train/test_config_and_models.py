@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ip2p_jax.train.config import ConfigOverrideError, apply_override, load_config
+from ip2p_jax.train.loop import make_loader
 from ip2p_jax.train.models import load_models
 from ip2p_jax.train.sharding import make_mesh
 from ip2p_jax.train.step import make_trainer
@@ -138,8 +139,6 @@ def test_a_restored_run_releases_the_loaded_weights():
 
 
 def test_data_word_dropout_reaches_the_input_pipeline():
-    from ip2p_jax.train.loop import make_loader
-
     config = apply_override(micro_config("data"), "--config.data.word_dropout=0.2")
     loader = make_loader(config, None, [{"instruction": "make it red"}] * config.batch_size)
     assert loader.config.word_dropout == 0.2
