@@ -174,12 +174,14 @@ def _eval_shapes(args: argparse.Namespace) -> int:
         seed=args.seed,
         size=args.size,
         batch_size=args.batch_size,
+        train_phrasing=args.train_phrasing,
         **options,
     )
     print(format_table(table))
     if args.json:
         settings = {"model": str(args.model), "num": args.num, "split": args.split}
-        write_report(args.json, table, results, {**settings, "seed": args.seed, **options})
+        settings |= {"train_phrasing": args.train_phrasing, "seed": args.seed}
+        write_report(args.json, table, results, {**settings, **options})
         print(f"wrote {args.json}")
     return 0
 
@@ -493,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_argument(shapes)
     shapes.add_argument("--batch-size", type=int, default=16)
     shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument(
+        "--train-phrasing",
+        action="store_true",
+        help="say each held-out edit in its nearest training phrasing (same scenes and edits)",
+    )
     shapes.add_argument("--json", type=Path, help="also write the table and every score here")
     shapes.set_defaults(run=_eval_shapes)
     edits = worlds.add_parser(

@@ -10,14 +10,20 @@ from PIL import Image
 
 from ip2p_jax.cli import main
 from ip2p_jax.evaluation.shapes import evaluate_shapes, format_table
-from ip2p_jax.worlds.shapes import EDIT_KINDS, generate_records, render
+from ip2p_jax.worlds.shapes import (
+    EDIT_KINDS,
+    TRAIN_COUNTERPARTS,
+    generate_records,
+    in_train_phrasing,
+    render,
+)
 
 
 class TruthEditor:
     """Answers every edit with the exact after-scene, and records the seeds it was given."""
 
-    def __init__(self, num: int, seed: int):
-        self.records = list(generate_records(num, split="heldout", seed=seed))
+    def __init__(self, num: int, seed: int, reword=lambda record: record):
+        self.records = [reword(r) for r in generate_records(num, split="heldout", seed=seed)]
         self.done, self.seeds = 0, []
 
     def edit(self, images, instructions, *, seed, resolution, **options):
@@ -39,6 +45,13 @@ def test_exact_edits_score_full_marks_in_every_kind():
     assert "overall" in format_table(table).splitlines()[-1]
 
 
+def test_train_phrasing_asks_for_the_same_edits_in_training_words():
+    editor = TruthEditor(24, seed=0, reword=in_train_phrasing)
+    table, results = evaluate_shapes(editor, num=24, batch_size=8, train_phrasing=True)
+    assert editor.done == 24 and table["overall"]["success"] == 1.0
+    assert all(record.template in TRAIN_COUNTERPARTS.values() for record, _ in results)
+
+
 def test_bad_counts_are_refused():
     with pytest.raises(ValueError, match="at least 1"):
         evaluate_shapes(TruthEditor(1, 0), num=0)
@@ -52,6 +65,6 @@ def test_eval_shapes_command_writes_table_and_report(tiny_folder, tmp_path, caps
     assert out.splitlines()[0].split() == ["edit", "kind", "n", "success", "PSNR", "dB", "L1"]
     data = json.loads(report.read_text())
     assert data["table"]["overall"]["count"] == 4 and len(data["examples"]) == 4
-    assert data["settings"]["steps"] == 2
+    assert data["settings"]["steps"] == 2 and data["settings"]["train_phrasing"] is False
     for example in data["examples"]:
         assert 0 <= example["changed_agreement"] <= 1 and math.isfinite(example["psnr"])

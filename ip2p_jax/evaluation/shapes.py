@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ip2p_jax.atomic import write_text_atomically
-from ip2p_jax.worlds.shapes.generate import EditRecord, generate_records
+from ip2p_jax.worlds.shapes.generate import EditRecord, generate_records, in_train_phrasing
 from ip2p_jax.worlds.shapes.raster import render
 from ip2p_jax.worlds.shapes.score import EditScore, score_edit, summarize
 
@@ -35,17 +35,22 @@ def evaluate_shapes(
     seed: int = 0,
     size: int = 64,
     batch_size: int = 16,
+    train_phrasing: bool = False,
     **edit_options: Any,
 ) -> tuple[dict[str, dict[str, float]], list[tuple[EditRecord, EditScore]]]:
     """Edits examples 0..num-1 of a shapes split with `editor` and scores them.
 
     Returns the per-kind table (see score.summarize) and every (record, score). Example i
     gets seed `seed + i`, so a batch size changes nothing. ``edit_options`` go to
-    ``editor.edit`` (steps, text_scale, image_scale, sampler, progress).
+    ``editor.edit`` (steps, text_scale, image_scale, sampler, progress). With
+    ``train_phrasing`` each held-out instruction is said in its nearest training phrasing
+    (same scenes, same edits): what is left of the gap to validation is the new pairs' cost.
     """
     if num < 1 or batch_size < 1:
         raise ValueError(f"num and batch_size must be at least 1, got {num} and {batch_size}")
     records = list(generate_records(num, split=split, seed=seed))
+    if train_phrasing:
+        records = [in_train_phrasing(record) for record in records]
     results: list[tuple[EditRecord, EditScore]] = []
     for start in range(0, num, batch_size):
         batch = records[start : start + batch_size]

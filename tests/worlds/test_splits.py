@@ -3,6 +3,8 @@ always."""
 
 from __future__ import annotations
 
+import string
+
 from ip2p_jax.worlds import shapes as S
 from tests.worlds.conftest import records
 
@@ -61,3 +63,30 @@ def test_heldout_phrasings_are_new_orders_of_words_the_train_split_uses():
         assert record.instruction not in train_instructions
     train_templates = {t for ts in S.TRAIN_TEMPLATES.values() for t in ts}
     assert not train_templates & {t for ts in S.HELDOUT_TEMPLATES.values() for t in ts}
+
+
+def _fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def test_each_heldout_phrasing_has_a_training_counterpart_with_the_same_fields():
+    heldout = {t: kind for kind, ts in S.HELDOUT_TEMPLATES.items() for t in ts}
+    assert set(S.TRAIN_COUNTERPARTS) == set(heldout)
+    for template, counterpart in S.TRAIN_COUNTERPARTS.items():
+        assert counterpart in S.TRAIN_TEMPLATES[heldout[template]], template
+        assert _fields(counterpart) == _fields(template), template
+
+
+def test_train_phrasing_rewords_a_heldout_edit_and_keeps_its_scenes():
+    for record in records("heldout", 300):
+        reworded = S.in_train_phrasing(record)
+        assert reworded.template == S.TRAIN_COUNTERPARTS[record.template]
+        assert (reworded.before, reworded.after, reworded.edit) == (
+            record.before,
+            record.after,
+            record.edit,
+        )
+        ((kind, template, _),) = S.parse_instruction(reworded.instruction)
+        assert (kind, template) == (record.edit.kind, reworded.template)
+    train = records("train", 50)
+    assert [S.in_train_phrasing(record) for record in train] == list(train)

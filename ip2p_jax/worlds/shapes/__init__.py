@@ -46,6 +46,7 @@ from ip2p_jax.worlds.shapes.generate import (
     decode_annotations,
     generate_examples,
     generate_records,
+    in_train_phrasing,
     make_record,
     record_to_example,
 )
@@ -57,7 +58,12 @@ from ip2p_jax.worlds.shapes.referring import POSITION_GAP, POSITIONS, Ref, refer
 from ip2p_jax.worlds.shapes.sample import GRID, SHAPE_COUNT_P, SPLIT_BACKGROUND_P
 from ip2p_jax.worlds.shapes.scene import EDGE, GAP, MAX_SHAPES, Scene, Shape, scene_problems
 from ip2p_jax.worlds.shapes.splits import HELDOUT_COMBOS, SPLITS, example_seed
-from ip2p_jax.worlds.shapes.templates import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, is_heldout_template
+from ip2p_jax.worlds.shapes.templates import (
+    HELDOUT_TEMPLATES,
+    TRAIN_COUNTERPARTS,
+    TRAIN_TEMPLATES,
+    is_heldout_template,
+)
 from ip2p_jax.worlds.shapes.wording import caption, instruction_text, region_phrase
 
 __all__ = [
@@ -86,6 +92,7 @@ __all__ = [
     "SUPERSAMPLE",
     "Scene",
     "Shape",
+    "TRAIN_COUNTERPARTS",
     "TRAIN_TEMPLATES",
     "UNIT_AREAS",
     "WORLD",
@@ -96,6 +103,7 @@ __all__ = [
     "example_seed",
     "generate_examples",
     "generate_records",
+    "in_train_phrasing",
     "instruction_text",
     "is_heldout_template",
     "make_record",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,11 @@ from ip2p_jax.worlds.shapes.referring import refer
 from ip2p_jax.worlds.shapes.sample import edit_options, pick, sample_scene
 from ip2p_jax.worlds.shapes.scene import Scene
 from ip2p_jax.worlds.shapes.splits import HELDOUT_COMBO_SET, example_seed, split_index
-from ip2p_jax.worlds.shapes.templates import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
+from ip2p_jax.worlds.shapes.templates import (
+    HELDOUT_TEMPLATES,
+    TRAIN_COUNTERPARTS,
+    TRAIN_TEMPLATES,
+)
 from ip2p_jax.worlds.shapes.wording import caption, instruction_text
 
 WORLD = "shapes"
@@ -86,6 +90,15 @@ def make_record(index: int, *, split: str = "train", seed: int = 0) -> EditRecor
         input_caption=caption(before),
         edited_caption=caption(after),
     )
+
+
+def in_train_phrasing(record: EditRecord) -> EditRecord:
+    """The same scenes and edit, said in the held-out phrasing's nearest training phrasing
+    (TRAIN_COUNTERPARTS); a record already in a training phrasing comes back as it is."""
+    template = TRAIN_COUNTERPARTS.get(record.template)
+    if template is None:
+        return record
+    return replace(record, template=template, instruction=instruction_text(record.edit, template))
 
 
 def generate_records(

@@ -46,6 +46,20 @@ HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "swap": ("switch {ref} and {ref2}",),
 }
 
+# Each held-out phrasing's nearest training phrasing: the same words for the same fields, with
+# the held-out twist undone. `ip2p eval shapes --train-phrasing` says the held-out edits this
+# way, so the held-out score splits into what new phrasings cost and what new pairs cost.
+TRAIN_COUNTERPARTS: dict[str, str] = {
+    "make the colour of {ref} {colour}": "make {ref} {colour}",
+    "turn the colour of {ref} to {colour}": "turn {ref} {colour}",
+    "put {obj_sized} {where}": "add {obj_sized} {where}",
+    "take {ref} away": "take away {ref}",
+    "take {ref} {dir_to}": "move {ref} {dir_to}",
+    "make the size of {ref} {comparative}": "make {ref} {comparative}",
+    "change the colour of the background to {colour}": "change the background to {colour}",
+    "switch {ref} and {ref2}": "swap {ref} and {ref2}",
+}
+
 DIR_TO = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 RESIZE_WORDS = {
     "bigger": {"comparative": "bigger", "verb": "enlarge", "change": "increase"},
