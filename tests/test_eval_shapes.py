@@ -15,6 +15,7 @@ from ip2p_jax.worlds.shapes import (
     TRAIN_COUNTERPARTS,
     generate_records,
     in_train_phrasing,
+    parse_instruction,
     render,
 )
 
@@ -60,11 +61,13 @@ def test_bad_counts_are_refused():
 def test_eval_shapes_command_writes_table_and_report(tiny_folder, tmp_path, capsys):
     report = tmp_path / "eval.json"
     argv = ["eval", "shapes", "--model", str(tiny_folder), "--num", "4", "--steps", "2"]
-    assert main([*argv, "--batch-size", "3", "--json", str(report)]) == 0
+    assert main([*argv, "--batch-size", "3", "--train-phrasing", "--json", str(report)]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["edit", "kind", "n", "success", "PSNR", "dB", "L1"]
     data = json.loads(report.read_text())
     assert data["table"]["overall"]["count"] == 4 and len(data["examples"]) == 4
-    assert data["settings"]["steps"] == 2 and data["settings"]["train_phrasing"] is False
+    assert data["settings"]["steps"] == 2 and data["settings"]["train_phrasing"] is True
     for example in data["examples"]:
+        ((_, template, _),) = parse_instruction(example["instruction"])
+        assert template in TRAIN_COUNTERPARTS.values()
         assert 0 <= example["changed_agreement"] <= 1 and math.isfinite(example["psnr"])
