@@ -41,11 +41,12 @@ demo: setup
 app: setup
 	$(PY) -m ip2p_jax.cli app
 
-# The shapes world end to end: data, the VAE, then the editing model in three stages: the UNet
+# The shapes world end to end: data, the VAE, then the editing model in four stages: the UNet
 # on the frozen random text encoder; both trained together from stage 1's model; then both
-# again from stage 2's with word dropout on the instructions (long on a CPU; the *_STEPS
-# shorten it, e.g. make train-shapes VAE_STEPS=300 SHAPES_STEPS=500 SHAPES_DECAY=100
-# TEXT_STEPS=200 TEXT_DECAY=100 WORD_STEPS=200 WORD_DECAY=100).
+# again from stage 2's with word dropout on the instructions, and once more from stage 3's
+# with more dropout (long on a CPU; the *_STEPS shorten it, e.g. make train-shapes
+# VAE_STEPS=300 SHAPES_STEPS=500 SHAPES_DECAY=100 TEXT_STEPS=200 TEXT_DECAY=100
+# WORD_STEPS=200 WORD_DECAY=100 MORE_WORD_STEPS=200 MORE_WORD_DECAY=100).
 SHAPES_DIR ?= data/shapes
 RUNS ?= runs
 VAE_STEPS ?= 1250
@@ -57,7 +58,10 @@ TEXT_DECAY ?= 1500
 WORD_STEPS ?= 4000
 WORD_DECAY ?= 2000
 WORD_DROPOUT ?= 0.1
-# All three UNet stages: the shapes config, resumable, on the data and the VAE trained here.
+MORE_WORD_STEPS ?= 5000
+MORE_WORD_DECAY ?= 2500
+MORE_WORD_DROPOUT ?= 0.15
+# All four UNet stages: the shapes config, resumable, on the data and the VAE trained here.
 TRAIN_SHAPES_UNET := $(PY) -m ip2p_jax.cli train --config configs/shapes_tiny.py --resume \
 	--config.data.path=$(SHAPES_DIR) --config.model.vae_from=$(RUNS)/shapes_vae/vae_model
 train-shapes: setup
@@ -73,12 +77,16 @@ train-shapes: setup
 		--config.steps=$(WORD_STEPS) --config.optim.decay_steps=$(WORD_DECAY) \
 		--config.data.word_dropout=$(WORD_DROPOUT) \
 		--config.model.train_text_encoder=True --config.model.init_from=$(RUNS)/shapes_joint/model
+	$(TRAIN_SHAPES_UNET) --workdir $(RUNS)/shapes_words2 \
+		--config.steps=$(MORE_WORD_STEPS) --config.optim.decay_steps=$(MORE_WORD_DECAY) \
+		--config.data.word_dropout=$(MORE_WORD_DROPOUT) \
+		--config.model.train_text_encoder=True --config.model.init_from=$(RUNS)/shapes_words/model
 
-# The third stage's newest checkpoint (EMA) -> the package's bundled model (diffusers
+# The fourth stage's newest checkpoint (EMA) -> the package's bundled model (diffusers
 # layout, float16).
 ship-shapes: setup
-	$(PY) -m ip2p_jax.cli export-run $(RUNS)/shapes_words $(RUNS)/shapes_words/snapshot --overwrite
-	$(PY) -m ip2p_jax.cli export $(RUNS)/shapes_words/snapshot ip2p_jax/assets/shapes_model \
+	$(PY) -m ip2p_jax.cli export-run $(RUNS)/shapes_words2 $(RUNS)/shapes_words2/snapshot --overwrite
+	$(PY) -m ip2p_jax.cli export $(RUNS)/shapes_words2/snapshot ip2p_jax/assets/shapes_model \
 		--dtype float16 --overwrite
 	cp docs/shapes_model_card.md ip2p_jax/assets/shapes_model/README.md
 

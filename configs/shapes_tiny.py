@@ -6,14 +6,17 @@ ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_tiny \
     --config.steps=300 --config.optim.decay_steps=100
 
 The shipped model's second stage trains the text encoder too, from the first stage's model,
-and its third goes on from the second's with word dropout on the instructions (`make
-train-shapes` runs all three):
+its third goes on from the second's with word dropout on the instructions, and its fourth
+from the third's with more dropout (`make train-shapes` runs all four):
 ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_joint \
     --config.model.init_from=runs/shapes_tiny/model --config.model.train_text_encoder=True \
     --config.steps=2250 --config.optim.decay_steps=1500
 ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_words \
     --config.model.init_from=runs/shapes_joint/model --config.model.train_text_encoder=True \
     --config.data.word_dropout=0.1 --config.steps=4000 --config.optim.decay_steps=2000
+ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_words2 \
+    --config.model.init_from=runs/shapes_words/model --config.model.train_text_encoder=True \
+    --config.data.word_dropout=0.15 --config.steps=5000 --config.optim.decay_steps=2500
 """
 
 from ip2p_jax.train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
