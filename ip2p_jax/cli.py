@@ -179,8 +179,13 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     )
     print(format_table(table))
     if args.json:
-        settings = {"model": str(args.model), "num": args.num, "split": args.split}
-        settings |= {"train_phrasing": args.train_phrasing, "seed": args.seed}
+        settings = {
+            "model": str(args.model),
+            "num": args.num,
+            "split": args.split,
+            "train_phrasing": args.train_phrasing,
+            "seed": args.seed,
+        }
         write_report(args.json, table, results, {**settings, **options})
         print(f"wrote {args.json}")
     return 0

@@ -70,8 +70,8 @@ def test_diffusers_loads_the_bundled_model_and_edits_like_ours(shapes_pipeline):
 def test_bundled_model_makes_edits_on_unseen_scenes(shapes_pipeline):
     """28 validation edits (unseen scenes, training phrasings) at the shipped defaults. On
     these 28 the bundled model (21,500 + 2250 + 4000 + 5000 steps) scores 28.6 % success and
-    23.5 dB mean PSNR to the true result (50.5 % and 25.0 dB on 200), where random weights score 0 %
-    and about 8 dB. The floors catch broken weights or sampling, and a model that only
+    23.5 dB mean PSNR to the true result (50.5 % and 25.0 dB on 200), where random weights
+    score 0 % and about 8 dB. The floors catch broken weights or sampling, and a model that only
     copies its input (no success)."""
     sampling = SHAPES_SAMPLING
     table, _ = evaluate_shapes(
