@@ -64,6 +64,7 @@ def main() -> None:
     scaling = pipe.vae.config.scaling_factor
 
     def run(plan: dict, start: jax.Array, steps: int) -> tuple[float, dict[str, float]]:
+        # EditPipeline's own jitted chain and decoder, so each run samples as `ip2p edit` does.
         sampled = pipe._sample(
             Euler(),
             plan,
