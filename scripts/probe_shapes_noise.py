@@ -18,7 +18,6 @@ phrasings) by default.
 from __future__ import annotations
 
 import argparse
-import collections
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +25,12 @@ import numpy as np
 
 from ip2p_jax.evaluation.edits_cli import comma_floats
 from ip2p_jax.evaluation.sdedit import img2img_plan
+from ip2p_jax.images import to_pil
 from ip2p_jax.pipeline import EditPipeline, _encode_image
 from ip2p_jax.samplers import Euler, initial_noise
 from ip2p_jax.shipped import SHAPES_SAMPLING, shipped_model
 from ip2p_jax.worlds.shapes import generate_records, render
-from ip2p_jax.worlds.shapes.score import score_edit
+from ip2p_jax.worlds.shapes.score import score_edit, summarize
 
 
 def main() -> None:
@@ -49,8 +49,9 @@ def main() -> None:
     if pipe._padding(args.num):
         parser.error(f"--num must split evenly over the {pipe.mesh.devices.size} devices")
     records = list(generate_records(args.num, split=args.split, seed=0))
+    size = SHAPES_SAMPLING.resolution
     pixels = {
-        name: np.stack([render(getattr(r, name), 64) for r in records]) / 127.5 - 1.0
+        name: np.stack([render(getattr(r, name), size) for r in records]) / 127.5 - 1.0
         for name in ("before", "after")
     }
     latents = {
@@ -63,7 +64,7 @@ def main() -> None:
     noise = initial_noise(keys, latents["before"].shape[1:])
     scaling = pipe.vae.config.scaling_factor
 
-    def run(plan: dict, start: jax.Array, steps: int) -> tuple[float, dict[str, float]]:
+    def run(plan: dict, start: jax.Array, steps: int) -> dict[str, dict[str, float]]:
         # EditPipeline's own jitted chain and decoder, so each run samples as `ip2p edit` does.
         sampled = pipe._sample(
             Euler(),
@@ -80,19 +81,20 @@ def main() -> None:
             init_noise=start,
             step_noise=None,
         )
-        images = pipe._decode_latents(sampled, batch)
-        images = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-        by_kind = collections.defaultdict(list)
-        for record, image in zip(records, images, strict=True):
-            score = score_edit(image, record.before, record.after, record.instruction)
-            by_kind[record.edit.kind].append(score.success)
-        overall = float(np.mean([ok for oks in by_kind.values() for ok in oks]))
-        return overall, {kind: float(np.mean(oks)) for kind, oks in sorted(by_kind.items())}
+        # Rounded to uint8 as `ip2p edit` and `ip2p eval shapes` hand images over.
+        images = [np.asarray(to_pil(a)) for a in pipe._decode_latents(sampled, batch)]
+        return summarize(
+            (r.edit.kind, score_edit(image, r.before, r.after, r.instruction))
+            for r, image in zip(records, images, strict=True)
+        )
 
-    def line(label: str, result: tuple[float, dict[str, float]]) -> str:
-        overall, by_kind = result
-        kinds = "  ".join(f"{kind} {100 * value:3.0f}" for kind, value in by_kind.items())
-        return f"{label:<34} {100 * overall:5.1f} %   {kinds}"
+    def line(label: str, table: dict[str, dict[str, float]]) -> str:
+        kinds = "  ".join(
+            f"{kind} {100 * row['success']:3.0f}"
+            for kind, row in table.items()
+            if kind != "overall"
+        )
+        return f"{label:<34} {100 * table['overall']['success']:5.1f} %   {kinds}"
 
     full = Euler().plan(pipe.schedule, args.steps)
     print(line("full chain from unit noise", run(full, noise, args.steps)), flush=True)
