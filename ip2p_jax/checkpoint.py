@@ -201,6 +201,16 @@ def load_component(
     return LoadedComponent(config, raw, component.module_class(config), params)
 
 
+def init_component(name: str, raw_config: dict, seed: int) -> LoadedComponent:
+    """A component with random weights (flax's default initialisers) from a config dict."""
+    component = COMPONENTS[name]
+    config = component.config_class.from_dict(raw_config, source=f"model.{name}")
+    module = component.module_class(config)
+    inputs = component.example_inputs(config)
+    params = jax.jit(module.init)(jax.random.key(seed), *inputs)["params"]
+    return LoadedComponent(config, dict(raw_config), module, params)
+
+
 def _read_flax_params(path: Path, expected: dict, dtype) -> dict:
     wanted = flatten_dict(expected)
     flat = {}

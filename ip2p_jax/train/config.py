@@ -27,6 +27,10 @@ class ModelConfig:
     # no pretrained encoder: a frozen random one mixes words by position with weights no one
     # trained, so a new phrasing of a known edit looks new to the UNet.
     train_text_encoder: bool = False
+    # Grow init_from's UNet first: cross-attention in its plain down and up blocks too, the
+    # new blocks starting as the identity (train.grow). More text-to-pixel binding at the
+    # latents' full resolution, where a small shape is a few latent pixels wide.
+    add_cross_attention: bool = False
     unet: dict | None = None
     vae: dict | None = None
     text_encoder: dict | None = None

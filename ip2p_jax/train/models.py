@@ -8,11 +8,12 @@ import dataclasses
 
 import jax
 
-from ip2p_jax.checkpoint import COMPONENTS, LoadedComponent, load_component, resolve_model
+from ip2p_jax.checkpoint import LoadedComponent, init_component, load_component, resolve_model
 from ip2p_jax.memory import move_to_devices
 from ip2p_jax.schedules import SD_SCHEDULER_CONFIG, NoiseSchedule
 from ip2p_jax.tokenizer import CLIPTokenizer
 from ip2p_jax.train.config import ModelConfig
+from ip2p_jax.train.grow import add_cross_attention
 
 
 @dataclasses.dataclass
@@ -32,16 +33,6 @@ def trained_names(config: ModelConfig) -> tuple[str, ...]:
     return ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
 
 
-def init_component(name: str, raw_config: dict, seed: int) -> LoadedComponent:
-    """A component with random weights (flax's default initialisers) from a config dict."""
-    component = COMPONENTS[name]
-    config = component.config_class.from_dict(raw_config, source=f"model.{name}")
-    module = component.module_class(config)
-    inputs = component.example_inputs(config)
-    params = jax.jit(module.init)(jax.random.key(seed), *inputs)["params"]
-    return LoadedComponent(config, dict(raw_config), module, params)
-
-
 def load_models(config: ModelConfig, seed: int = 0) -> ModelSet:
     """Everything a run needs, as `config` says; see ModelConfig."""
     if config.init_from:
@@ -56,12 +47,19 @@ def load_models(config: ModelConfig, seed: int = 0) -> ModelSet:
             else CLIPTokenizer.bundled()
         )
         schedule = NoiseSchedule.from_folder(folder)
+        if config.add_cross_attention:
+            unet = add_cross_attention(unet, seed)
     else:
         missing = [n for n in ("unet", "vae", "text_encoder") if getattr(config, n) is None]
         if missing and not (missing == ["vae"] and config.vae_from):
             raise ValueError(
                 f"model.init_from is empty, so model.{missing} need config dicts "
                 "(diffusers config.json fields) to initialise from"
+            )
+        if config.add_cross_attention:
+            raise ValueError(
+                "model.add_cross_attention grows model.init_from's trained UNet, and "
+                "init_from is empty; for a fresh UNet, name CrossAttn blocks in model.unet"
             )
         unet = init_component("unet", {**config.unet, "in_channels": config.in_channels}, seed)
         vae = init_component("vae", config.vae, seed + 1) if config.vae else None

@@ -37,7 +37,7 @@ import optax
 from jax.sharding import Mesh
 from PIL import Image
 
-from ip2p_jax.checkpoint import LoadedComponent, load_component, resolve_model
+from ip2p_jax.checkpoint import LoadedComponent, init_component, load_component, resolve_model
 from ip2p_jax.compilation import jit
 from ip2p_jax.data.edit_pairs import EditPairSource
 from ip2p_jax.images import decode_png, to_model_array, to_pil
@@ -45,7 +45,7 @@ from ip2p_jax.models.vae import DiagonalGaussian
 from ip2p_jax.train import sharding
 from ip2p_jax.train.config import DataConfig, OptimConfig
 from ip2p_jax.train.loop import Task, run, save_grid, trained_component, trained_params
-from ip2p_jax.train.models import hand_over_weights, init_component, keep_shapes_only
+from ip2p_jax.train.models import hand_over_weights, keep_shapes_only
 from ip2p_jax.train.optim import make_optimizer
 from ip2p_jax.train.reporting import Reporter
 from ip2p_jax.train.step import TrainState, apply_gradients
