@@ -28,13 +28,11 @@ CROSS_ATTENTION_TWINS = {
 def add_cross_attention(unet: LoadedComponent, seed: int = 0) -> LoadedComponent:
     """The UNet with cross-attention in every down and up block (see the module docstring).
     Raises ValueError when it has it everywhere already: nothing would grow."""
+    fields = ("down_block_types", "up_block_types")
     raw = dict(unet.raw_config)
-    grown_types = {}
-    for field in ("down_block_types", "up_block_types"):
-        types = list(raw.get(field) or getattr(unet.config, field))
-        grown_types[field] = [CROSS_ATTENTION_TWINS.get(name, name) for name in types]
-        raw[field] = grown_types[field]
-    if all(grown_types[f] == list(getattr(unet.config, f)) for f in grown_types):
+    for field in fields:
+        raw[field] = [CROSS_ATTENTION_TWINS.get(name, name) for name in getattr(unet.config, field)]
+    if all(raw[field] == list(getattr(unet.config, field)) for field in fields):
         raise ValueError(
             "the UNet has cross-attention in every down and up block already "
             f"({list(unet.config.down_block_types)}, {list(unet.config.up_block_types)})"
