@@ -36,10 +36,10 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not full_size"
 
 demo: setup
-	$(PY) -m ip2p_jax.cli demo
+	$(PY) -m ip2p_jax demo
 
 app: setup
-	$(PY) -m ip2p_jax.cli app
+	$(PY) -m ip2p_jax app
 
 # The shapes world end to end: data, the VAE, then the editing model in four stages: the UNet
 # on the frozen random text encoder; both trained together from stage 1's model; then both
@@ -62,11 +62,11 @@ MORE_WORD_STEPS ?= 5000
 MORE_WORD_DECAY ?= 2500
 MORE_WORD_DROPOUT ?= 0.15
 # All four UNet stages: the shapes config, resumable, on the data and the VAE trained here.
-TRAIN_SHAPES_UNET := $(PY) -m ip2p_jax.cli train --config configs/shapes_tiny.py --resume \
+TRAIN_SHAPES_UNET := $(PY) -m ip2p_jax train --config configs/shapes_tiny.py --resume \
 	--config.data.path=$(SHAPES_DIR) --config.model.vae_from=$(RUNS)/shapes_vae/vae_model
 train-shapes: setup
-	test -d $(SHAPES_DIR)/edit_pairs || $(PY) -m ip2p_jax.cli datagen shapes --num 20000 --out $(SHAPES_DIR)
-	$(PY) -m ip2p_jax.cli train-vae --config configs/shapes_vae.py --workdir $(RUNS)/shapes_vae \
+	test -d $(SHAPES_DIR)/edit_pairs || $(PY) -m ip2p_jax datagen shapes --num 20000 --out $(SHAPES_DIR)
+	$(PY) -m ip2p_jax train-vae --config configs/shapes_vae.py --workdir $(RUNS)/shapes_vae \
 		--resume --config.data.path=$(SHAPES_DIR) --config.steps=$(VAE_STEPS)
 	$(TRAIN_SHAPES_UNET) --workdir $(RUNS)/shapes_tiny \
 		--config.steps=$(SHAPES_STEPS) --config.optim.decay_steps=$(SHAPES_DECAY)
@@ -84,11 +84,13 @@ train-shapes: setup
 
 # The fourth stage's newest checkpoint (EMA) -> the package's bundled model (diffusers
 # layout, float16).
+# The model card (the folder's README.md) is kept across the overwrite.
 ship-shapes: setup
-	$(PY) -m ip2p_jax.cli export-run $(RUNS)/shapes_words2 $(RUNS)/shapes_words2/snapshot --overwrite
-	$(PY) -m ip2p_jax.cli export $(RUNS)/shapes_words2/snapshot ip2p_jax/assets/shapes_model \
+	$(PY) -m ip2p_jax export-run $(RUNS)/shapes_words2 $(RUNS)/shapes_words2/snapshot --overwrite
+	cp ip2p_jax/assets/shapes_model/README.md $(RUNS)/shapes_model_card.md
+	$(PY) -m ip2p_jax export $(RUNS)/shapes_words2/snapshot ip2p_jax/assets/shapes_model \
 		--dtype float16 --overwrite
-	cp docs/shapes_model_card.md ip2p_jax/assets/shapes_model/README.md
+	cp $(RUNS)/shapes_model_card.md ip2p_jax/assets/shapes_model/README.md
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -16,7 +16,7 @@ from ip2p_jax.train.config import DataConfig, ModelConfig, OptimConfig, TrainCon
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        model=ModelConfig(init_from="runwayml/stable-diffusion-v1-5", in_channels=8),
+        model=ModelConfig(init_from="stable-diffusion-v1-5/stable-diffusion-v1-5", in_channels=8),
         data=DataConfig(
             path="data/ip2p",
             resolution=256,

@@ -19,40 +19,30 @@ ip2p train --config configs/shapes_tiny.py --workdir runs/shapes_words2 \
     --config.data.word_dropout=0.15 --config.steps=5000 --config.optim.decay_steps=2500
 """
 
+from ip2p_jax.models import micro
 from ip2p_jax.train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
-# 64 px images -> 16x16x4 latents (two 2x downsamplings).
+# The micro models (ip2p_jax.models.micro: one layer a block, 4-dim attention heads, CLIP's
+# vocabulary) widened. 64 px images -> 16x16x4 latents (two 2x downsamplings).
 VAE = {
+    **micro.VAE,
     "block_out_channels": [32, 64, 64],
     "down_block_types": ["DownEncoderBlock2D"] * 3,
     "up_block_types": ["UpDecoderBlock2D"] * 3,
-    "latent_channels": 4,
-    "layers_per_block": 1,
     "norm_num_groups": 16,
     "sample_size": 64,
     "scaling_factor": 1.0,
 }
 # Attention only at 8x8 and 4x4: at 16x16 it would cost more than the convolutions.
 UNET = {
-    "sample_size": 16,
-    "out_channels": 4,
+    **micro.UNET,
     "block_out_channels": [64, 128, 128],
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 1,
     "cross_attention_dim": 64,
-    "attention_head_dim": 4,
     "norm_num_groups": 16,
 }
-TEXT = {
-    "vocab_size": 49408,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-}
+TEXT = {**micro.TEXT_ENCODER, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
 
 
 def get_config() -> TrainConfig:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ip2p_jax.atomic import atomic_folder, write_text_atomically
+from ip2p_jax.weights.atomic import atomic_folder, write_text_atomically
 
 JPEG_QUALITY = 100  # as the original saved its pairs
 RECIPE_FILE = "generation.json"

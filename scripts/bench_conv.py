@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from ip2p_jax.compilation import CPU_COMPILER_OPTIONS
+from ip2p_jax.runtime.compilation import CPU_COMPILER_OPTIONS
 
 # (batch, height, width, in, out): UNet levels at 256 px with the 3 guidance rows, and VAE levels.
 SHAPES = [

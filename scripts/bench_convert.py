@@ -21,13 +21,13 @@ import json, resource, sys, time
 folder, job, out = sys.argv[1], sys.argv[2], sys.argv[3]
 start = time.perf_counter()
 if job == "ours":
-    from ip2p_jax.checkpoint import convert_to_flax
+    from ip2p_jax.weights.model_folder import convert_to_flax
     convert_to_flax(folder, out, components=("unet",))
 elif job == "diffusers":
     from diffusers import UNet2DConditionModel
     UNet2DConditionModel.from_pretrained(folder + "/unet")
 elif job == "imports-ours":
-    import ip2p_jax.checkpoint  # noqa: F401  what the process holds before any weights
+    import ip2p_jax.weights.model_folder  # noqa: F401  what the process holds before any weights
 elif job == "imports-diffusers":
     import diffusers  # noqa: F401
 print(json.dumps({"seconds": time.perf_counter() - start,
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=Path("/tmp/ip2p-sd15"))
     args = parser.parse_args()
     if not (args.folder / "model_index.json").is_file():
-        from ip2p_jax.reference_models import build_pipeline_folder
+        from ip2p_jax.testing.reference_models import build_pipeline_folder
 
         print(f"building a random SD-1.5 IP2P folder at {args.folder} ...", flush=True)
         build_pipeline_folder(args.folder, "sd15")

@@ -63,7 +63,7 @@ def ours(dataset: Path, batch: int, workers: int, count: int) -> dict:
     from ip2p_jax.data.augment import Augmentation
     from ip2p_jax.data.edit_pairs import EditPairSource
     from ip2p_jax.data.loader import EditPairLoader, InputConfig
-    from ip2p_jax.tokenizer import CLIPTokenizer
+    from ip2p_jax.models.tokenizer import CLIPTokenizer
 
     config = InputConfig(
         batch_size=batch,
@@ -140,7 +140,7 @@ def unet_step(preset: str, batch: int):
     import jax.numpy as jnp
 
     from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
-    from ip2p_jax.reference_models import PRESETS
+    from ip2p_jax.testing.reference_models import PRESETS
 
     config = UNetConfig.from_dict(PRESETS[preset]["unet"])
     model = UNet2DConditionModel(config)

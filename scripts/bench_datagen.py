@@ -36,7 +36,7 @@ def main() -> None:
     from datagen.clip_filter import ClipSimilarity
     from datagen.pair_job import sample_seeds
     from datagen.pairs import PairConfig, PairSampler
-    from ip2p_jax.reference_models import build_clip_folder, build_pipeline_folder
+    from ip2p_jax.testing.reference_models import build_clip_folder, build_pipeline_folder
 
     work = Path(tempfile.mkdtemp(prefix="bench_datagen_"))
     folder = build_pipeline_folder(work / "sd", "tiny", overrides={"unet": {"in_channels": 4}})

@@ -45,8 +45,8 @@ if who == "diffusers":
     result["first_seconds"], result["seconds"] = times
 else:
     import jax
-    from ip2p_jax import compilation
-    from ip2p_jax.pipeline import EditPipeline
+    from ip2p_jax.runtime import compilation
+    from ip2p_jax.pipelines.edit import EditPipeline
     pipe = EditPipeline.from_pretrained(folder)
     times = []
     for seed in (0, 1):
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--image-scales", type=float, nargs="+", default=[1.5, 1.0])
     args = parser.parse_args()
     if not (args.folder / "model_index.json").is_file():
-        from ip2p_jax.reference_models import build_pipeline_folder
+        from ip2p_jax.testing.reference_models import build_pipeline_folder
 
         print(f"building a random SD-1.5 IP2P folder at {args.folder} ...", flush=True)
         build_pipeline_folder(args.folder, "sd15")

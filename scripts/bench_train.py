@@ -1,6 +1,7 @@
 """Training step speed and memory: our jitted train step (ip2p_jax.train.step) against the
-PyTorch reference step (ip2p_jax.parity.TorchTrainStep, diffusers' train_instruct_pix2pix.py)
-on the same diffusers folder, config and batch, fp32 on the CPU, in one run.
+PyTorch reference step (ip2p_jax.testing.parity.TorchTrainStep, diffusers'
+train_instruct_pix2pix.py) on the same diffusers folder, config and batch,
+fp32 on the CPU, in one run.
 
     PYTHONPATH=. .venv/bin/python scripts/bench_train.py                      # both cases
     PYTHONPATH=. .venv/bin/python scripts/bench_train.py --cases shapes_tiny  # quicker
@@ -79,7 +80,7 @@ def case_config(name: str):
 
 def build_folder(name: str, root: Path) -> Path:
     """The case's diffusers folder, which both sides load."""
-    from ip2p_jax.reference_models import build_pipeline_folder
+    from ip2p_jax.testing.reference_models import build_pipeline_folder
 
     if name == "sd15":
         if not (SD15_FOLDER / "model_index.json").is_file():
@@ -94,7 +95,7 @@ def build_folder(name: str, root: Path) -> Path:
 
 def make_batch(batch_size: int, resolution: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A fixed host batch as our loader yields it: uint8 images and token ids."""
-    from ip2p_jax.tokenizer import CLIPTokenizer
+    from ip2p_jax.models.tokenizer import CLIPTokenizer
 
     rng = np.random.default_rng(seed)
     shape = (batch_size, resolution, resolution, 3)
@@ -120,9 +121,10 @@ def _time_rounds(step, rounds: int, steps: int) -> list[float]:
 def job_ours(config, folder: Path, batch: dict, rounds: int, steps: int) -> dict:
     import jax
 
+    from ip2p_jax.runtime.mesh import make_mesh
     from ip2p_jax.train.config import ModelConfig
     from ip2p_jax.train.models import load_models
-    from ip2p_jax.train.sharding import global_batch, make_mesh
+    from ip2p_jax.train.sharding import global_batch
     from ip2p_jax.train.step import host_metrics, make_trainer
 
     start = time.perf_counter()
@@ -162,7 +164,7 @@ def job_ours(config, folder: Path, batch: dict, rounds: int, steps: int) -> dict
 def job_torch(config, folder: Path, batch: dict, rounds: int, steps: int, threads: int = 0) -> dict:
     import torch
 
-    from ip2p_jax.parity import TorchTrainStep
+    from ip2p_jax.testing.parity import TorchTrainStep
 
     if threads:
         torch.set_num_threads(threads)

@@ -23,9 +23,9 @@ import json
 import zipfile
 from pathlib import Path
 
-from ip2p_jax.tokenizer import BOS_TOKEN as BOS
-from ip2p_jax.tokenizer import EOS_TOKEN as EOS
-from ip2p_jax.tokenizer import bytes_to_unicode
+from ip2p_jax.models.tokenizer import BOS_TOKEN as BOS
+from ip2p_jax.models.tokenizer import EOS_TOKEN as EOS
+from ip2p_jax.models.tokenizer import bytes_to_unicode
 
 BPE_MD5 = "933b7abbbbde62c36f02f0e6ccde464f"
 WHEEL_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"

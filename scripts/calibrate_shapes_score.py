@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ip2p_jax.checkpoint import load_component
 from ip2p_jax.models.vae import AutoencoderKL
+from ip2p_jax.weights.model_folder import load_component
 from ip2p_jax.worlds.shapes import EDIT_KINDS, Scene, apply_edit, generate_records, refer, render
 from ip2p_jax.worlds.shapes.sample import edit_options
 from ip2p_jax.worlds.shapes.score import score_edit, summarize

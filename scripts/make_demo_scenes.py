@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ip2p_jax.atomic import write_text_atomically
+from ip2p_jax.weights.atomic import write_text_atomically
 from ip2p_jax.worlds.shapes import EDIT_KINDS, TRAIN_TEMPLATES, instruction_text, make_record, refer
 from ip2p_jax.worlds.shapes.sample import edit_options
 

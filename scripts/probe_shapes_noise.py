@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ip2p_jax.evaluation.edits_cli import comma_floats
-from ip2p_jax.evaluation.sdedit import img2img_plan
-from ip2p_jax.images import to_pil
-from ip2p_jax.pipeline import EditPipeline, _encode_image
-from ip2p_jax.samplers import Euler, initial_noise
-from ip2p_jax.shipped import SHAPES_SAMPLING, shipped_model
+from ip2p_jax.apps.cli.arguments import comma_floats
+from ip2p_jax.apps.shipped import SHAPES_SAMPLING, shipped_model
+from ip2p_jax.diffusion.samplers import Euler, initial_noise
+from ip2p_jax.pipelines.base import GuidedBatch
+from ip2p_jax.pipelines.edit import EditPipeline, encode_image
+from ip2p_jax.pipelines.images import to_pil
+from ip2p_jax.pipelines.sdedit import img2img_plan
 from ip2p_jax.worlds.shapes import generate_records, render
 from ip2p_jax.worlds.shapes.score import score_edit, summarize
 
@@ -55,7 +56,7 @@ def main() -> None:
         for name in ("before", "after")
     }
     latents = {
-        name: _encode_image(pipe.vae.module, pipe.vae.params, jnp.asarray(p, jnp.float32))
+        name: encode_image(pipe.vae.module, pipe.vae.params, jnp.asarray(p, jnp.float32))
         for name, p in pixels.items()
     }
     batch = len(records)
@@ -66,12 +67,7 @@ def main() -> None:
 
     def run(plan: dict, start: jax.Array, steps: int) -> dict[str, dict[str, float]]:
         # EditPipeline's own jitted chain and decoder, so each run samples as `ip2p edit` does.
-        sampled = pipe._sample(
-            Euler(),
-            plan,
-            steps,
-            three_rows=True,
-            progress=False,
+        conditions = GuidedBatch(
             text=texts,
             null_text=nulls,
             image_latent=latents["before"],
@@ -79,8 +75,8 @@ def main() -> None:
             image_scale=jnp.full((batch,), args.image_scale, jnp.float32),
             keys=keys,
             init_noise=start,
-            step_noise=None,
         )
+        sampled = pipe._sample(Euler(), plan, steps, conditions, three_rows=True, progress=False)
         # Rounded to uint8 as `ip2p edit` and `ip2p eval shapes` hand images over.
         images = [np.asarray(to_pil(a)) for a in pipe._decode_latents(sampled, batch)]
         return summarize(

@@ -16,10 +16,10 @@ import argparse
 import itertools
 import time
 
-from ip2p_jax.evaluation.edits_cli import comma_floats
+from ip2p_jax.apps.cli.arguments import comma_floats
+from ip2p_jax.apps.shipped import SHAPES_SAMPLING, shipped_model
 from ip2p_jax.evaluation.shapes import evaluate_shapes, format_table
-from ip2p_jax.pipeline import EditPipeline
-from ip2p_jax.shipped import SHAPES_SAMPLING, shipped_model
+from ip2p_jax.pipelines.edit import EditPipeline
 
 
 def main() -> None:

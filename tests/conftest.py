@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _build(factory: pytest.TempPathFactory, preset: str):
-    from ip2p_jax.reference_models import build_pipeline_folder
+    from ip2p_jax.testing.reference_models import build_pipeline_folder
 
     return build_pipeline_folder(factory.mktemp(preset) / "model", preset)
 

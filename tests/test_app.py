@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ip2p_jax.app import (
+from ip2p_jax.apps.app import (
     IMAGE_SCALE_RANGE,
     MAX_RANDOM_SEED,
     TEXT_SCALE_RANGE,
@@ -20,7 +20,7 @@ from ip2p_jax.app import (
     check_inputs,
     resolve_request,
 )
-from ip2p_jax.shipped import SHAPES_SAMPLING
+from ip2p_jax.apps.shipped import SHAPES_SAMPLING
 
 CHROMIUM = "/usr/bin/chromium"
 # Headless flags for this sandbox: no background connections (the network is closed).
@@ -89,7 +89,7 @@ def _free_port() -> int:
 @pytest.fixture
 def served_app(tiny_folder, monkeypatch):
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    from ip2p_jax.pipeline import EditPipeline
+    from ip2p_jax.pipelines.edit import EditPipeline
 
     pipeline = EditPipeline.from_pretrained(tiny_folder)
     defaults = dataclasses.replace(SHAPES_SAMPLING, steps=3)

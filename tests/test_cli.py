@@ -8,7 +8,7 @@ import numpy as np
 import safetensors.numpy
 from PIL import Image
 
-from ip2p_jax.cli import main
+from ip2p_jax.apps.cli.main import main
 
 
 def test_convert_then_export_through_the_cli(tiny_folder, tmp_path, capsys):
@@ -144,8 +144,8 @@ def test_parity_pipeline_flag_compares_whole_edits(tiny_folder, capsys):
 
 
 def test_the_cli_offers_every_sampler():
-    from ip2p_jax.cli import SAMPLER_NAMES
-    from ip2p_jax.samplers import SAMPLERS
+    from ip2p_jax.apps.cli.arguments import SAMPLER_NAMES
+    from ip2p_jax.diffusion.samplers import SAMPLERS
 
     assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
 
@@ -155,15 +155,15 @@ def test_unset_sampling_options_come_from_the_model_kind(tiny_folder):
     model: the reference's settings; an option given on the command line stays."""
     import argparse
 
-    from ip2p_jax.cli import _fill_model_defaults
-    from ip2p_jax.shipped import REFERENCE_SAMPLING, SHAPES_SAMPLING, shipped_model
+    from ip2p_jax.apps.cli.arguments import fill_model_defaults
+    from ip2p_jax.apps.shipped import REFERENCE_SAMPLING, SHAPES_SAMPLING, shipped_model
 
     names = ("steps", "resolution", "text_scale", "image_scale", "sampler")
     for model, want in ((None, SHAPES_SAMPLING), (str(tiny_folder), REFERENCE_SAMPLING)):
         args = argparse.Namespace(model=model, **dict.fromkeys(names))
-        _fill_model_defaults(args)
+        fill_model_defaults(args)
         assert args.model == (model or shipped_model())
         assert all(getattr(args, name) == getattr(want, name) for name in names)
     args = argparse.Namespace(model=None, **{**dict.fromkeys(names), "text_scale": 2.0})
-    _fill_model_defaults(args)
+    fill_model_defaults(args)
     assert args.text_scale == 2.0 and args.image_scale == SHAPES_SAMPLING.image_scale

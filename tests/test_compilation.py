@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ip2p_jax import compilation
 from ip2p_jax.models import layers
+from ip2p_jax.runtime import compilation
 
 
 def _conv(x, k):

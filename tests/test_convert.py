@@ -7,8 +7,8 @@ import pytest
 import safetensors.numpy
 import torch
 
-from ip2p_jax.checkpoint import convert_to_flax, export_diffusers, load_component
-from ip2p_jax.convert import flax_path, modernize_key, torch_key, widen_conv_in
+from ip2p_jax.weights.convert import flax_path, modernize_key, torch_key, widen_conv_in
+from ip2p_jax.weights.model_folder import convert_to_flax, export_diffusers, load_component
 
 WEIGHT_FILES = {
     "unet": "unet/diffusion_pytorch_model.safetensors",
@@ -144,7 +144,7 @@ def test_widened_unet_with_zero_image_latent_equals_the_original(tmp_path):
     """A 4-channel SD UNet widened to 8: with a zero image latent it computes the same eps."""
     import jax.numpy as jnp
 
-    from ip2p_jax.reference_models import build_pipeline_folder
+    from ip2p_jax.testing.reference_models import build_pipeline_folder
 
     folder = build_pipeline_folder(tmp_path / "sd", "tiny", overrides={"unet": {"in_channels": 4}})
     narrow = load_component(folder, "unet")
@@ -200,3 +200,36 @@ def test_bfloat16_checkpoint_holds_the_rounded_fp32_params(tiny_folder, tmp_path
     assert all(np.array_equal(half[k], full[k].astype(jnp.bfloat16)) for k in full)
     with pytest.raises(ValueError, match="unsupported param dtype 'int8'"):
         load_component(tiny_folder, "vae", dtype="int8")
+
+
+def test_a_hub_download_fetches_each_components_weights_and_nothing_bigger():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from ip2p_jax.weights.model_folder import HUB_FILES
+
+    # Files of timbrooks/instruct-pix2pix and of an SD-1.5 mirror, as the hub lists them.
+    wanted = [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "unet/params.safetensors",
+    ]
+    unwanted = [
+        "instruct-pix2pix-00-22000.safetensors",
+        "instruct-pix2pix-00-22000.ckpt",
+        "v1-5-pruned-emaonly.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "text_encoder/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "README.md",
+    ]
+    kept = list(filter_repo_objects(wanted + unwanted, allow_patterns=list(HUB_FILES)))
+    assert kept == wanted

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from ip2p_jax.demo import CELL, DEMO_SCENES, demo_grid, load_demo_edits, run_demo
+from ip2p_jax.apps.demo import CELL, DEMO_SCENES, demo_grid, load_demo_edits, run_demo
 from ip2p_jax.worlds.shapes import render
 from ip2p_jax.worlds.shapes.score import score_edit
 

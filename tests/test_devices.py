@@ -9,14 +9,14 @@ import textwrap
 
 import numpy as np
 
-from ip2p_jax.pipeline import EditPipeline
+from ip2p_jax.pipelines.edit import EditPipeline
 
 SCRIPT = textwrap.dedent(
     """
     import sys
     import jax
     import numpy as np
-    from ip2p_jax.pipeline import EditPipeline
+    from ip2p_jax.pipelines.edit import EditPipeline
 
     assert jax.device_count() == 8, jax.devices()
     pipe = EditPipeline.from_pretrained(sys.argv[1])

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import safetensors.numpy
 
-from ip2p_jax.checkpoint import MARKER, convert_to_flax, load_component
-from ip2p_jax.cli import main
-from ip2p_jax.convert import ConversionError
+from ip2p_jax.apps.cli.main import main
 from ip2p_jax.models.config import ConfigError
-from ip2p_jax.safetensors_io import WeightsError
+from ip2p_jax.weights.convert import ConversionError
+from ip2p_jax.weights.model_folder import MARKER, convert_to_flax, load_component
+from ip2p_jax.weights.safetensors_io import WeightsError
 
 WEIGHT_FILES = {
     "unet": "unet/diffusion_pytorch_model.safetensors",

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ip2p_jax.cli import build_parser
+from ip2p_jax.apps.cli.evaluate import run_edits
+from ip2p_jax.apps.cli.main import build_parser
 from ip2p_jax.evaluation import sweep
 from ip2p_jax.evaluation.clip_metrics import EditScorer, cosine_similarity, pixel_distances
-from ip2p_jax.evaluation.edits_cli import run_edits
 from ip2p_jax.evaluation.plots import PLOT_DPI, PLOT_SIZE, edit_grid, plot_tradeoff
-from ip2p_jax.evaluation.sdedit import SDEditPipeline, check_text_to_image_model, kept_steps
+from ip2p_jax.pipelines.sdedit import SDEditPipeline, check_text_to_image_model, kept_steps
 
 SIZE = 32  # pixels: the tiny VAE halves it, the tiny CLIP and ViT take 32 px
 
@@ -25,7 +25,7 @@ SIZE = 32  # pixels: the tiny VAE halves it, the tiny CLIP and ViT take 32 px
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    from ip2p_jax.reference_models import build_clip_folder
+    from ip2p_jax.testing.reference_models import build_clip_folder
 
     return build_clip_folder(tmp_path_factory.mktemp("clip") / "clip")
 
@@ -53,7 +53,7 @@ def dino_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     """A tiny text-to-image SD (4-channel UNet), diffusers layout."""
-    from ip2p_jax.reference_models import build_pipeline_folder
+    from ip2p_jax.testing.reference_models import build_pipeline_folder
 
     path = tmp_path_factory.mktemp("sd") / "model"
     return build_pipeline_folder(path, "tiny", overrides={"unet": {"in_channels": 4}})
@@ -236,7 +236,7 @@ def test_sdedit_matches_diffusers_img2img(sd_folder, scheduler, monkeypatch):
     )
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from ip2p_jax.images import to_model_array
+    from ip2p_jax.pipelines.images import to_model_array
 
     scheduler_class = {
         "ddim": DDIMScheduler,
@@ -379,7 +379,7 @@ def test_an_instruct_pix2pix_model_is_refused_for_sdedit(tiny_folder, clip_folde
 def test_a_dataset_without_captions_is_named(tmp_path):
     from ip2p_jax.data.edit_pairs import write_dataset
     from ip2p_jax.data.schema import make_example
-    from ip2p_jax.images import encode_png
+    from ip2p_jax.pipelines.images import encode_png
 
     png = encode_png(_images(0, 1)[0])
     examples = [

@@ -8,7 +8,7 @@ import math
 import pytest
 from PIL import Image
 
-from ip2p_jax.cli import main
+from ip2p_jax.apps.cli.main import main
 from ip2p_jax.evaluation.shapes import evaluate_shapes, format_table
 from ip2p_jax.worlds.shapes import (
     EDIT_KINDS,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ip2p_jax.images import ImageError, load_image, target_size, to_model_array, to_pil
+from ip2p_jax.pipelines.images import ImageError, load_image, target_size, to_model_array, to_pil
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -57,7 +57,7 @@ def test_pixels_round_trip_exactly():
 
 
 def test_enormous_images_are_refused(tmp_path, monkeypatch):
-    import ip2p_jax.images as images
+    import ip2p_jax.pipelines.images as images
 
     path = tmp_path / "big.png"
     Image.new("RGB", (300, 300)).save(path)

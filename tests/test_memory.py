@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ip2p_jax import memory
+from ip2p_jax.runtime import memory
 
 
 def test_opting_out_leaves_malloc_alone(monkeypatch):
@@ -31,7 +31,7 @@ def test_weights_are_placed_with_a_bounded_window_of_host_copies_in_flight(monke
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from ip2p_jax.checkpoint import LoadedComponent
+    from ip2p_jax.weights.model_folder import LoadedComponent
 
     window, leaf_bytes = 3 * 4096, 4096
     monkeypatch.setattr(memory, "PLACE_WINDOW", window)

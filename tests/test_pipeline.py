@@ -4,20 +4,38 @@ from __future__ import annotations
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from ip2p_jax.compilation import jit
-from ip2p_jax.guidance import guided_denoiser
-from ip2p_jax.images import ImageError
-from ip2p_jax.pipeline import TRACES, EditPipeline
+from ip2p_jax.diffusion.guidance import guided_denoiser
+from ip2p_jax.pipelines.edit import EditPipeline
+from ip2p_jax.pipelines.images import ImageError
+from ip2p_jax.runtime.compilation import jit
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_folder):
     return EditPipeline.from_pretrained(tiny_folder)
+
+
+@pytest.fixture
+def sampling_traces(monkeypatch):
+    """How often the sampling loop is traced (= compiled) while a test runs: the guided
+    denoiser is built once per trace, so a counting wrapper around it counts traces."""
+    import ip2p_jax.pipelines.base as base
+
+    traces = {"count": 0}
+    original = base.guided_denoiser
+
+    def counted(*args, **kwargs):
+        traces["count"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(base, "guided_denoiser", counted)
+    return traces
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +44,10 @@ def scene():
     return Image.fromarray(rng.integers(0, 256, (40, 56, 3), np.uint8))
 
 
-def test_new_seeds_scales_and_instructions_never_recompile(pipe, scene):
+def test_new_seeds_scales_and_instructions_never_recompile(pipe, scene, sampling_traces):
     kwargs = {"steps": 3, "resolution": 32}
     first = pipe.edit([scene, scene], ["make it red", "add a hat"], seed=1, **kwargs)
-    before = TRACES["sample"]
+    before = sampling_traces["count"]
     second = pipe.edit(
         [scene, scene],
         ["paint it gold", "remove the sky"],
@@ -38,8 +56,37 @@ def test_new_seeds_scales_and_instructions_never_recompile(pipe, scene):
         image_scale=[1.2, 2.0],
         **kwargs,
     )
-    assert TRACES["sample"] == before
+    assert sampling_traces["count"] == before
     assert not np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
+    pipe.edit([scene, scene], ["make it red", "add a hat"], steps=3, resolution=24)
+    assert sampling_traces["count"] == before + 1  # a new shape does compile (the hook counts)
+
+
+def test_progress_reports_each_step_of_its_own_run(pipe, scene, capsys):
+    pipe.edit(scene, "make it red", steps=3, resolution=32, progress=True)
+    assert capsys.readouterr().err.endswith("sampling: step 3/3\n")
+    pipe.edit(scene, "make it red", steps=2, resolution=32, progress=True)
+    assert capsys.readouterr().err.endswith("sampling: step 2/2\n")
+    pipe.edit(scene, "make it red", steps=3, resolution=32, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_constructor_leaves_the_components_handed_to_it_alone(tiny_folder):
+    from ip2p_jax.diffusion.schedules import NoiseSchedule
+    from ip2p_jax.models.tokenizer import CLIPTokenizer
+    from ip2p_jax.weights.model_folder import load_component
+
+    parts = [load_component(tiny_folder, name) for name in ("unet", "vae", "text_encoder")]
+    before = [(part.params, jax.tree.leaves(part.params)) for part in parts]
+    pipe = EditPipeline(
+        *parts,
+        CLIPTokenizer.from_folder(tiny_folder / "tokenizer"),
+        NoiseSchedule.from_folder(tiny_folder),
+    )
+    for part, (tree, leaves) in zip(parts, before, strict=True):
+        assert part.params is tree
+        assert all(a is b for a, b in zip(jax.tree.leaves(part.params), leaves, strict=True))
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(pipe.unet.params))
 
 
 def test_two_rows_at_image_scale_one_give_the_same_eps(pipe):
@@ -65,7 +112,7 @@ def test_two_rows_at_image_scale_one_give_the_same_eps(pipe):
 
 def test_image_scale_one_edits_equal_the_three_row_result(pipe, scene, monkeypatch):
     """The whole edit with the u row skipped equals the edit with it computed."""
-    import ip2p_jax.pipeline as pipeline_module
+    import ip2p_jax.pipelines.base as pipeline_module
 
     two = pipe.edit(scene, "make it blue", steps=3, image_scale=1.0, resolution=32)[0]
     original = pipeline_module._sample_latents
@@ -108,12 +155,12 @@ def test_output_keeps_the_input_size_and_mixed_sizes_run_in_groups(pipe, scene):
         ({"seed": [1, 2]}, "1 images need 1 seeds"),
     ],
 )
-def test_bad_arguments_fail_before_any_compile(pipe, scene, kwargs, match):
-    before = TRACES["sample"]
+def test_bad_arguments_fail_before_any_compile(pipe, scene, kwargs, match, sampling_traces):
+    before = sampling_traces["count"]
     args = {"instructions": "make it red", **kwargs}
     with pytest.raises(ValueError, match=match):
         pipe.edit(scene, args.pop("instructions"), resolution=32, **args)
-    assert TRACES["sample"] == before
+    assert sampling_traces["count"] == before
 
 
 def test_bad_images_are_clear_errors(pipe, tmp_path):
@@ -135,7 +182,7 @@ def test_overlong_instruction_is_truncated_with_a_warning(pipe, scene):
 
 
 def test_a_four_channel_unet_is_refused_with_advice(tmp_path):
-    from ip2p_jax.reference_models import build_pipeline_folder
+    from ip2p_jax.testing.reference_models import build_pipeline_folder
 
     folder = build_pipeline_folder(tmp_path / "sd", "tiny", overrides={"unet": {"in_channels": 4}})
     with pytest.raises(ValueError, match="--in-channels 8"):

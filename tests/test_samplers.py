@@ -13,8 +13,8 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 
-from ip2p_jax.samplers import get_sampler, sample
-from ip2p_jax.schedules import NoiseSchedule
+from ip2p_jax.diffusion.samplers import get_sampler, sample
+from ip2p_jax.diffusion.schedules import NoiseSchedule
 
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
 CASES = [

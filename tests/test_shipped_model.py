@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ip2p_jax.cli import main
+from ip2p_jax.apps.cli.main import main
+from ip2p_jax.apps.shipped import SHAPES_MODEL, SHAPES_SAMPLING, shipped_model
 from ip2p_jax.evaluation.shapes import evaluate_shapes
-from ip2p_jax.shipped import SHAPES_MODEL, SHAPES_SAMPLING, shipped_model
 from ip2p_jax.worlds.shapes import make_record, render
 from ip2p_jax.worlds.shapes.score import score_edit
 
@@ -20,7 +20,7 @@ MAX_BYTES = 30 * 2**20
 
 @pytest.fixture(scope="module")
 def shapes_pipeline():
-    from ip2p_jax.pipeline import EditPipeline
+    from ip2p_jax.pipelines.edit import EditPipeline
 
     return EditPipeline.from_pretrained(shipped_model())
 

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from ip2p_jax.tokenizer import BUNDLED_DIR, CLIPTokenizer, clean_text
+from ip2p_jax.models.tokenizer import BUNDLED_DIR, CLIPTokenizer, clean_text
 
 # transformers 5's CLIPTokenizer is the `tokenizers` (Rust) implementation: its normalizer is only
 # NFC + whitespace collapse + lowercase, with no ftfy and no HTML unescape. So on strings that

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ip2p_jax.images import to_rgb
+from ip2p_jax.pipelines.images import to_rgb
 
 
 class BadExample(ValueError):

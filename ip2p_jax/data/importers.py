@@ -36,8 +36,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ip2p_jax.atomic import write_text_atomically
 from ip2p_jax.data.schema import FLOAT_FIELDS, ExampleError, image_format, make_example
+from ip2p_jax.weights.atomic import write_text_atomically
 
 SPLIT_NAMES = ("train", "validation", "test")
 ORIGINAL_SPLITS = (0.9, 0.05, 0.05)  # edit_dataset.py's default `splits`

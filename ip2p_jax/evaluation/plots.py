@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ip2p_jax.atomic import write_bytes_atomically
 from ip2p_jax.evaluation.sweep import IP2P, SweepPoint
+from ip2p_jax.weights.atomic import write_bytes_atomically
 
 PLOT_SIZE = (8.0, 6.0)  # inches; at PLOT_DPI the PNG is 800 x 600
 PLOT_DPI = 100

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from ip2p_jax.atomic import write_text_atomically
+from ip2p_jax.weights.atomic import write_text_atomically
 from ip2p_jax.worlds.shapes.generate import EditRecord, generate_records, in_train_phrasing
 from ip2p_jax.worlds.shapes.raster import render
 from ip2p_jax.worlds.shapes.score import EditScore, score_edit, summarize

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ip2p_jax.atomic import write_text_atomically
 from ip2p_jax.evaluation.clip_metrics import METRICS, EditScorer, to_unit_range
-from ip2p_jax.images import decode_png
+from ip2p_jax.pipelines.images import decode_png
+from ip2p_jax.weights.atomic import write_text_atomically
 
 IP2P = "instruct-pix2pix"
 SDEDIT = "sdedit"

@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from ip2p_jax.checkpoint import LoadedComponent, init_component
+from ip2p_jax.weights.model_folder import LoadedComponent, init_component
 
 CROSS_ATTENTION_TWINS = {
     "DownBlock2D": "CrossAttnDownBlock2D",

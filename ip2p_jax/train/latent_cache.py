@@ -26,13 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ip2p_jax.atomic import atomic_folder
-from ip2p_jax.checkpoint import LoadedComponent
 from ip2p_jax.data.augment import BadExample, decode_pair
 from ip2p_jax.data.edit_pairs import EditPairSource
 from ip2p_jax.data.loader import SKIPPED
 from ip2p_jax.models.vae import DiagonalGaussian
 from ip2p_jax.train.config import DataConfig
+from ip2p_jax.weights.atomic import atomic_folder
+from ip2p_jax.weights.model_folder import LoadedComponent
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

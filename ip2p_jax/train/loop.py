@@ -24,18 +24,19 @@ import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
 
-from ip2p_jax.checkpoint import LoadedComponent
-from ip2p_jax.compilation import enable_compilation_cache
 from ip2p_jax.data.augment import Augmentation
 from ip2p_jax.data.edit_pairs import EditPairSource
 from ip2p_jax.data.loader import EditPairLoader, InputConfig, Tokenizer
-from ip2p_jax.train.checkpoints import Checkpoints
+from ip2p_jax.runtime.compilation import enable_compilation_cache
+from ip2p_jax.runtime.mesh import make_mesh
 from ip2p_jax.train.config import TrainConfig
 from ip2p_jax.train.latent_cache import LatentSplit, cached_latents
 from ip2p_jax.train.models import ModelSet, load_models
 from ip2p_jax.train.reporting import Reporter
-from ip2p_jax.train.sharding import global_batch, make_mesh
+from ip2p_jax.train.sharding import global_batch
+from ip2p_jax.train.state_checkpoints import Checkpoints
 from ip2p_jax.train.step import Trainer, TrainState, host_metrics, is_finite, make_trainer
+from ip2p_jax.weights.model_folder import LoadedComponent
 
 
 class TrainingDiverged(RuntimeError):
@@ -267,8 +268,8 @@ def validation_grid(
 ) -> Path:
     """Edits the first validation examples with the EMA weights; one row per example:
     input, edited, target. Saved as workdir/validation/step_N.png and to TensorBoard."""
-    from ip2p_jax.images import decode_png
-    from ip2p_jax.pipeline import EditPipeline
+    from ip2p_jax.pipelines.edit import EditPipeline
+    from ip2p_jax.pipelines.images import decode_png
 
     config, models = trainer.config, trained_models(trainer, state)
     source = EditPairSource(config.data.path, config.data.validation_split)
@@ -300,7 +301,7 @@ def validation_grid(
 def export_model(trainer: Trainer, state: TrainState, destination: Path) -> Path:
     """Our checkpoint folder with the EMA weights of what the run trained and the frozen
     parts: `ip2p edit --model` and `ip2p export` (to diffusers) take it."""
-    from ip2p_jax.checkpoint import write_checkpoint
+    from ip2p_jax.weights.model_folder import write_checkpoint
 
     models = trained_models(trainer, state)
     components = {

@@ -8,12 +8,17 @@ import dataclasses
 
 import jax
 
-from ip2p_jax.checkpoint import LoadedComponent, init_component, load_component, resolve_model
-from ip2p_jax.memory import move_to_devices
-from ip2p_jax.schedules import SD_SCHEDULER_CONFIG, NoiseSchedule
-from ip2p_jax.tokenizer import CLIPTokenizer
+from ip2p_jax.diffusion.schedules import SD_SCHEDULER_CONFIG, NoiseSchedule
+from ip2p_jax.models.tokenizer import CLIPTokenizer
+from ip2p_jax.runtime.memory import move_to_devices
 from ip2p_jax.train.config import ModelConfig
 from ip2p_jax.train.grow import add_cross_attention
+from ip2p_jax.weights.model_folder import (
+    LoadedComponent,
+    init_component,
+    load_component,
+    resolve_model,
+)
 
 
 @dataclasses.dataclass

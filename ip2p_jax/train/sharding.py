@@ -1,21 +1,21 @@
-"""One mesh for every device count, and the partition rules of the trained params.
+"""The partition rules of the trained params, and the batch's placement on the mesh.
 
-The mesh is ('data', 'fsdp'): the batch is split over both axes; each trained tensor is
-split over 'fsdp' along the axis its rule names (FSDP: every device holds 1/fsdp of the
-weights and optimizer state, gathered per layer by XLA). fsdp=1 is plain data parallelism.
+On the ('data', 'fsdp') mesh (runtime/mesh.py) the batch is split over both axes; each
+trained tensor is split over 'fsdp' along the axis its rule names (FSDP: every device holds
+1/fsdp of the weights and optimizer state, gathered per layer by XLA). fsdp=1 is plain data
+parallelism.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA_AXES = ("data", "fsdp")  # the batch dimension is split over both
+from ip2p_jax.runtime.mesh import DATA_AXES
 
 # (regex on the param path "down_blocks_0/resnets_0/conv1/kernel", spec of the trailing axes).
 # First match wins; specs align to a tensor's last axes. A tensor whose axis does not divide
@@ -27,15 +27,6 @@ PARTITION_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     # Biases, norm scales, embeddings of the time MLP's input: small, replicated.
     (r".*", ()),
 )
-
-
-def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'fsdp') mesh over all devices (of every process), fsdp devices per group."""
-    devices = list(devices if devices is not None else jax.devices())
-    if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"fsdp={fsdp} must divide the {len(devices)} devices")
-    grid = np.asarray(devices).reshape(len(devices) // fsdp, fsdp)
-    return Mesh(grid, DATA_AXES)
 
 
 def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:

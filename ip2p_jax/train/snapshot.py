@@ -15,10 +15,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ip2p_jax.train.checkpoints import Checkpoints
+from ip2p_jax.runtime.mesh import make_mesh
 from ip2p_jax.train.config import TrainConfig
 from ip2p_jax.train.loop import Task, unet_task
-from ip2p_jax.train.sharding import make_mesh
+from ip2p_jax.train.state_checkpoints import Checkpoints
 
 
 def run_task(workdir: str | os.PathLike) -> Task:

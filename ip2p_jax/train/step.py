@@ -21,10 +21,9 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from ip2p_jax import memory
-from ip2p_jax.checkpoint import LoadedComponent
-from ip2p_jax.compilation import jit
 from ip2p_jax.models.vae import DiagonalGaussian
+from ip2p_jax.runtime import memory
+from ip2p_jax.runtime.compilation import jit
 from ip2p_jax.train import sharding
 from ip2p_jax.train.config import TrainConfig
 from ip2p_jax.train.latent_cache import check_cacheable, encode_images
@@ -41,6 +40,7 @@ from ip2p_jax.train.optim import (
     make_optimizer,
     update_leafwise,
 )
+from ip2p_jax.weights.model_folder import LoadedComponent
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

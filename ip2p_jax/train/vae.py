@@ -37,11 +37,10 @@ import optax
 from jax.sharding import Mesh
 from PIL import Image
 
-from ip2p_jax.checkpoint import LoadedComponent, init_component, load_component, resolve_model
-from ip2p_jax.compilation import jit
 from ip2p_jax.data.edit_pairs import EditPairSource
-from ip2p_jax.images import decode_png, to_model_array, to_pil
 from ip2p_jax.models.vae import DiagonalGaussian
+from ip2p_jax.pipelines.images import decode_png, to_model_array, to_pil
+from ip2p_jax.runtime.compilation import jit
 from ip2p_jax.train import sharding
 from ip2p_jax.train.config import DataConfig, OptimConfig
 from ip2p_jax.train.loop import Task, run, save_grid, trained_component, trained_params
@@ -49,6 +48,12 @@ from ip2p_jax.train.models import hand_over_weights, keep_shapes_only
 from ip2p_jax.train.optim import make_optimizer
 from ip2p_jax.train.reporting import Reporter
 from ip2p_jax.train.step import TrainState, apply_gradients
+from ip2p_jax.weights.model_folder import (
+    LoadedComponent,
+    init_component,
+    load_component,
+    resolve_model,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,9 +268,9 @@ def export_vae(trainer: VAETrainer, state: TrainState, destination: Path) -> Pat
     fitted if `fit_scaling_factor`), for `load_component(folder, "vae")` and
     `model.vae_from`. write_checkpoint adds the bundled tokenizer and a default scheduler
     config, unused here."""
-    from ip2p_jax.checkpoint import write_checkpoint
-    from ip2p_jax.schedules import NoiseSchedule
-    from ip2p_jax.tokenizer import CLIPTokenizer
+    from ip2p_jax.diffusion.schedules import NoiseSchedule
+    from ip2p_jax.models.tokenizer import CLIPTokenizer
+    from ip2p_jax.weights.model_folder import write_checkpoint
 
     vae = trained_component(trainer.vae, trained_params(state))
     if trainer.config.fit_scaling_factor:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ip2p_jax.data.schema import make_example
-from ip2p_jax.images import encode_png
+from ip2p_jax.pipelines.images import encode_png
 
 
 def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:

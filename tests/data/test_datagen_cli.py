@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ip2p_jax.cli import main
+from ip2p_jax.apps.cli.main import main
 from ip2p_jax.data.edit_pairs import EditPairSource, split_sizes
 from ip2p_jax.worlds import shapes
 from tests.data.test_importers import write_original

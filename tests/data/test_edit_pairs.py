@@ -22,7 +22,7 @@ from ip2p_jax.data.edit_pairs import (
     write_dataset,
 )
 from ip2p_jax.data.schema import FIELDS, ExampleError, make_example
-from ip2p_jax.images import decode_png, encode_png
+from ip2p_jax.pipelines.images import decode_png, encode_png
 from tests.data.conftest import jpeg_bytes, pair_examples
 
 ROOT = Path(__file__).resolve().parents[2]

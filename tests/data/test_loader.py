@@ -13,8 +13,8 @@ from ip2p_jax.data.augment import Augmentation, drop_words
 from ip2p_jax.data.edit_pairs import EditPairSource, write_dataset
 from ip2p_jax.data.loader import EditPairLoader, InputConfig
 from ip2p_jax.data.schema import make_example
-from ip2p_jax.images import decode_png, encode_png
-from ip2p_jax.tokenizer import CLIPTokenizer
+from ip2p_jax.models.tokenizer import CLIPTokenizer
+from ip2p_jax.pipelines.images import decode_png, encode_png
 from tests.data.conftest import random_pair
 
 SMALL = Augmentation(crop=32, min_resize=32, max_resize=44, flip_prob=0.5)

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from ip2p_jax.parity import run_parity
+from ip2p_jax.testing.parity import run_parity
 
 TINY_TOLERANCE = 1e-4
 FULL_TOLERANCE = 1e-3
@@ -41,7 +41,7 @@ def test_unet_with_odd_latent_sides_matches(tiny_folder):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ip2p_jax.checkpoint import load_component
+    from ip2p_jax.weights.model_folder import load_component
 
     reference = UNet2DConditionModel.from_pretrained(tiny_folder / "unet").eval()
     g = torch.Generator().manual_seed(1)
@@ -63,8 +63,8 @@ def test_unet_with_odd_latent_sides_matches(tiny_folder):
 @pytest.mark.full_size
 def test_full_size_sd15_components_match(sd15_folder, capsys):
     """The real SD-1.5 IP2P architecture at 256 px, through the user-facing command."""
-    from ip2p_jax.cli import main
-    from ip2p_jax.parity import Comparison
+    from ip2p_jax.apps.cli.main import main
+    from ip2p_jax.testing.parity import Comparison
 
     status = main(["parity", str(sd15_folder), "--json", "--tolerance", str(FULL_TOLERANCE)])
     rows = json.loads(capsys.readouterr().out)

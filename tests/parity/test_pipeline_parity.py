@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ip2p_jax.parity import PIPELINE_SCHEDULERS, edit_both
+from ip2p_jax.testing.parity import PIPELINE_SCHEDULERS, edit_both
 
 
 def run_both(folder, sampler, image, instructions, steps, text_scale, image_scale):

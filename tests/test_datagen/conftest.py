@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def sd_folder(tmp_path_factory):
     """SD-1.x in miniature with a 4-channel UNet (text-to-image), diffusers layout."""
-    from ip2p_jax.reference_models import build_pipeline_folder
+    from ip2p_jax.testing.reference_models import build_pipeline_folder
 
     path = tmp_path_factory.mktemp("sd") / "model"
     return build_pipeline_folder(path, "tiny", overrides={"unet": {"in_channels": 4}})
@@ -16,7 +16,7 @@ def sd_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def clip_folder(tmp_path_factory):
-    from ip2p_jax.reference_models import build_clip_folder
+    from ip2p_jax.testing.reference_models import build_clip_folder
 
     return build_clip_folder(tmp_path_factory.mktemp("clip") / "clip")
 

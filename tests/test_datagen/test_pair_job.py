@@ -127,7 +127,7 @@ def test_read_prompts_names_file_and_line(tmp_path):
 
 
 def test_cli_builds_a_dataset_the_training_pipeline_reads(tmp_path, sd_folder, clip_folder):
-    from ip2p_jax.cli import main
+    from ip2p_jax.apps.cli.main import main
     from ip2p_jax.data.augment import Augmentation
     from ip2p_jax.data.edit_pairs import EditPairSource, split_sizes
     from ip2p_jax.data.loader import EditPairLoader, InputConfig

@@ -6,38 +6,12 @@ import dataclasses
 
 import pytest
 
+from ip2p_jax.models import micro
 from ip2p_jax.train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
-MICRO_VAE = {
-    "block_out_channels": [16, 32],
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 32,
-    "scaling_factor": 1.0,
-}
-MICRO_UNET = {
-    "sample_size": 16,
-    "out_channels": 4,
-    "block_out_channels": [32, 64],
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 1,
-    "cross_attention_dim": 32,
-    "attention_head_dim": 4,
-    "norm_num_groups": 8,
-}
-MICRO_TEXT = {
-    "vocab_size": 49408,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-}
+MICRO_UNET = micro.UNET
+MICRO_VAE = {**micro.VAE, "scaling_factor": 1.0}  # trained from scratch: no SD latent scale
+MICRO_TEXT = micro.TEXT_ENCODER
 
 
 @pytest.fixture(scope="session")

@@ -39,8 +39,9 @@ def run(fsdp: int, process_id: int, processes: int) -> dict:
     from flax.traverse_util import flatten_dict
     from jax.experimental import multihost_utils
 
+    from ip2p_jax.runtime.mesh import make_mesh
     from ip2p_jax.train.models import load_models
-    from ip2p_jax.train.sharding import global_batch, make_mesh
+    from ip2p_jax.train.sharding import global_batch
     from ip2p_jax.train.step import host_metrics, make_trainer
     from tests.train.conftest import micro_config
 

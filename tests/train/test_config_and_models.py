@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
+from ip2p_jax.runtime.mesh import make_mesh
 from ip2p_jax.train.config import ConfigOverrideError, apply_override, load_config
 from ip2p_jax.train.loop import make_loader
 from ip2p_jax.train.models import load_models
-from ip2p_jax.train.sharding import make_mesh
 from ip2p_jax.train.step import make_trainer
 from tests.train.conftest import micro_config
 
@@ -63,9 +63,9 @@ def test_bad_batch_layout_is_refused_before_compiling():
 
 
 def test_fine_tune_from_an_sd_folder_widens_conv_in(tmp_path):
-    from ip2p_jax.checkpoint import load_component
-    from ip2p_jax.reference_models import build_pipeline_folder
+    from ip2p_jax.testing.reference_models import build_pipeline_folder
     from ip2p_jax.train.config import ModelConfig
+    from ip2p_jax.weights.model_folder import load_component
 
     folder = build_pipeline_folder(tmp_path / "sd", "tiny", overrides={"unet": {"in_channels": 4}})
     models = load_models(ModelConfig(init_from=str(folder), in_channels=8))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from ip2p_jax.checkpoint import init_component
 from ip2p_jax.train.grow import add_cross_attention
+from ip2p_jax.weights.model_folder import init_component
 from tests.train.conftest import MICRO_UNET
 
 
@@ -76,7 +76,7 @@ def test_a_unet_with_attention_everywhere_is_refused(trained_and_grown):
 
 
 def test_load_models_grows_init_froms_unet_and_needs_one(tmp_path):
-    from ip2p_jax.reference_models import build_pipeline_folder
+    from ip2p_jax.testing.reference_models import build_pipeline_folder
     from ip2p_jax.train.config import ModelConfig
     from ip2p_jax.train.models import load_models
 

@@ -2,8 +2,8 @@
 
 The reference is diffusers' examples/instruct_pix2pix/train_instruct_pix2pix.py (and the
 original ddpm_edit.py's conditioning dropout), written once in
-`ip2p_jax.parity.torch_diffusion_loss` and fed the same latents, noise, timesteps and dropout
-draw as `ip2p_jax.train.loss.diffusion_loss`. Both sides run in float32 on CPU.
+`ip2p_jax.testing.parity.torch_diffusion_loss` and fed the same latents, noise, timesteps and
+dropout draw as `ip2p_jax.train.loss.diffusion_loss`. Both sides run in float32 on CPU.
 
 What is compared: the dropout masks (exactly, at the boundaries); add_noise and the epsilon /
 v targets at every timestep (float32 rounding); the loss on the tiny SD-1 and SD-2 folders
@@ -112,7 +112,7 @@ def _torch_step(folder, inputs: Inputs, prediction_type: str):
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from ip2p_jax.parity import torch_diffusion_loss
+    from ip2p_jax.testing.parity import torch_diffusion_loss
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").float()
     unet.train()  # as the script trains it (dropout is 0 in these configs)
@@ -148,11 +148,11 @@ def _our_steps(folder, gradients: bool) -> dict[str, tuple[float, dict[str, np.n
     import jax
     import jax.numpy as jnp
 
-    from ip2p_jax.checkpoint import load_component
-    from ip2p_jax.convert import params_to_state_dict
-    from ip2p_jax.schedules import NoiseSchedule
+    from ip2p_jax.diffusion.schedules import NoiseSchedule
     from ip2p_jax.train.config import DropoutConfig
     from ip2p_jax.train.loss import diffusion_loss
+    from ip2p_jax.weights.convert import params_to_state_dict
+    from ip2p_jax.weights.model_folder import load_component
 
     inputs = _folder_inputs(folder)
     unet = load_component(folder, "unet")
@@ -277,7 +277,7 @@ def test_forward_diffusion_matches_ddpm_scheduler(tiny_folder, prediction_type):
     import torch
     from diffusers import DDPMScheduler
 
-    from ip2p_jax.schedules import NoiseSchedule
+    from ip2p_jax.diffusion.schedules import NoiseSchedule
     from ip2p_jax.train.loss import add_noise, regression_target
 
     scheduler = DDPMScheduler.from_pretrained(tiny_folder, subfolder="scheduler")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from ip2p_jax.checkpoint import load_component
-from ip2p_jax.cli import main
+from ip2p_jax.apps.cli.main import main
 from ip2p_jax.train.loop import train
+from ip2p_jax.weights.model_folder import load_component
 from tests.train.conftest import micro_config
 
 

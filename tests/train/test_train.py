@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from ip2p_jax.train.checkpoints import Checkpoints
 from ip2p_jax.train.loop import TrainingDiverged, train
 from ip2p_jax.train.reporting import read_metrics
+from ip2p_jax.train.state_checkpoints import Checkpoints
 from tests.train.conftest import micro_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +54,7 @@ def _exported_model_loads_in_diffusers(model: Path, out: Path) -> None:
     import torch
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    from ip2p_jax.checkpoint import export_diffusers, load_component
+    from ip2p_jax.weights.model_folder import export_diffusers, load_component
 
     export_diffusers(model, out)
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(out))
@@ -68,8 +68,8 @@ def _exported_model_loads_in_diffusers(model: Path, out: Path) -> None:
 def test_the_text_encoder_is_trained_only_when_the_config_says(
     shapes32, tmp_path, train_text_encoder
 ):
-    from ip2p_jax.checkpoint import load_component
     from ip2p_jax.train.models import load_models
+    from ip2p_jax.weights.model_folder import load_component
 
     config = micro_config(shapes32, steps=3)
     config = dataclasses.replace(

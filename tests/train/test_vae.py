@@ -13,12 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from ip2p_jax.checkpoint import load_component
-from ip2p_jax.cli import main
+from ip2p_jax.apps.cli.main import main
 from ip2p_jax.models.vae import DiagonalGaussian
 from ip2p_jax.train.config import load_config
 from ip2p_jax.train.reporting import read_metrics
 from ip2p_jax.train.vae import VAETrainConfig, kl_divergence, train_vae, vae_loss
+from ip2p_jax.weights.model_folder import load_component
 from tests.train.conftest import MICRO_VAE, micro_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ip2p_jax.data.schema import FIELDS
-from ip2p_jax.images import decode_png
+from ip2p_jax.pipelines.images import decode_png
 from ip2p_jax.worlds import shapes as S
 from tests.worlds.conftest import records
 

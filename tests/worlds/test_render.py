@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from ip2p_jax.images import decode_png
+from ip2p_jax.pipelines.images import decode_png
 from ip2p_jax.worlds import shapes as S
 from tests.worlds.conftest import records, region
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ip2p_jax.data.schema import make_example
-from ip2p_jax.images import encode_png
+from ip2p_jax.pipelines.images import encode_png
 from ip2p_jax.worlds.shapes.edits import EDIT_KINDS, Edit, apply_edit, touched_combos
 from ip2p_jax.worlds.shapes.raster import render
 from ip2p_jax.worlds.shapes.referring import refer

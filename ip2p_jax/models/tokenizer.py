@@ -25,7 +25,9 @@ import ftfy
 import numpy as np
 import regex
 
-BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
+from ip2p_jax.assets import ASSETS
+
+BUNDLED_DIR = ASSETS / "clip_tokenizer"
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 _PATTERN = regex.compile(

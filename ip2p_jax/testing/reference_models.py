@@ -11,38 +11,20 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from ip2p_jax.tokenizer import BUNDLED_DIR
+from ip2p_jax.models import micro
+from ip2p_jax.models.tokenizer import BUNDLED_DIR
 
+# SD-1.x in miniature: the micro models with attention at the top level (where SD has it),
+# two layers a block, a wider VAE and a deeper text encoder than the training tests'.
 _TINY_UNET = {
-    "sample_size": 16,
+    **micro.UNET,
     "in_channels": 8,
-    "out_channels": 4,
-    "block_out_channels": [32, 64],
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
     "layers_per_block": 2,
-    "cross_attention_dim": 32,
-    "attention_head_dim": 4,
-    "norm_num_groups": 8,
 }
-_TINY_VAE = {
-    "sample_size": 32,
-    "block_out_channels": [32, 64],
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "latent_channels": 4,
-    "norm_num_groups": 8,
-    "layers_per_block": 1,
-}
-_TINY_TEXT = {
-    "vocab_size": 49408,
-    "hidden_size": 32,
-    "intermediate_size": 37,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-}
+_TINY_VAE = {**micro.VAE, "block_out_channels": [32, 64]}
+_TINY_TEXT = {**micro.TEXT_ENCODER, "intermediate_size": 37, "num_hidden_layers": 3}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # SD-1.x in miniature.
@@ -156,7 +138,7 @@ def build_pipeline_folder(
 # A CLIP (text and vision towers) in miniature for the data generator's filter: the SD-1
 # tokenizer's vocabulary, 32 px images in 8 px patches.
 TINY_CLIP = {
-    "text_config": {**_TINY_TEXT, "hidden_act": "quick_gelu"},
+    "text_config": _TINY_TEXT,
     "vision_config": {
         "hidden_size": 32,
         "intermediate_size": 37,

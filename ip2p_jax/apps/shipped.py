@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SHAPES_MODEL = Path(__file__).with_name("assets") / "shapes_model"
+from ip2p_jax.assets import ASSETS
+
+SHAPES_MODEL = ASSETS / "shapes_model"
 
 
 @dataclass(frozen=True)

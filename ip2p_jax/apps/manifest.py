@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ip2p_jax.pipeline import EditPipeline
+from ip2p_jax.pipelines.edit import EditPipeline
 
 FIELDS = {"image", "instruction", "out", "seed", "text_scale", "image_scale"}
 

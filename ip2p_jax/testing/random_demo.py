@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ip2p_jax.checkpoint import convert_to_flax, load_component
-from ip2p_jax.compilation import jit
+from ip2p_jax.models.tokenizer import CLIPTokenizer
 from ip2p_jax.models.vae import AutoencoderKL
-from ip2p_jax.tokenizer import CLIPTokenizer
+from ip2p_jax.runtime.compilation import jit
+from ip2p_jax.weights.model_folder import convert_to_flax, load_component
 
 SIDE = {"tiny": 64, "tiny-sd2": 64, "sd15": 256}
 
@@ -60,8 +60,8 @@ def guided_edit(folder: Path, image: Image.Image, instruction: str) -> Image.Ima
 
 def run_random_demo(out: Path, preset: str = "tiny") -> int:
     """Runs the demo into ``out``; returns an exit status."""
-    from ip2p_jax.parity import format_table, run_parity
-    from ip2p_jax.reference_models import build_pipeline_folder
+    from ip2p_jax.testing.parity import format_table, run_parity
+    from ip2p_jax.testing.reference_models import build_pipeline_folder
 
     out.mkdir(parents=True, exist_ok=True)
     source, checkpoint = out / f"{preset}-diffusers", out / f"{preset}-flax"

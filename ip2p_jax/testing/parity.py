@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ip2p_jax.checkpoint import load_component
-from ip2p_jax.compilation import jit
+from ip2p_jax.models.tokenizer import CLIPTokenizer
 from ip2p_jax.models.vae import AutoencoderKL
-from ip2p_jax.tokenizer import CLIPTokenizer
+from ip2p_jax.runtime.compilation import jit
+from ip2p_jax.weights.model_folder import load_component
 
 DEFAULT_PROMPTS = (
     "turn the sky into a starry night",
@@ -201,7 +201,7 @@ def edit_both(
     import diffusers
     import torch
 
-    from ip2p_jax.pipeline import EditPipeline
+    from ip2p_jax.pipelines.edit import EditPipeline
 
     reference = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(folder)
     scheduler_class = getattr(diffusers, PIPELINE_SCHEDULERS[sampler])

@@ -24,16 +24,30 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ip2p_jax.checkpoint import LoadedComponent
-from ip2p_jax.compilation import jit
+from ip2p_jax.diffusion.samplers import (
+    DDIM,
+    DPMSolverPP2M,
+    Euler,
+    EulerAncestral,
+    Sampler,
+    get_sampler,
+)
+from ip2p_jax.diffusion.schedules import NoiseSchedule
 from ip2p_jax.models.config import load_json
 from ip2p_jax.models.vae import AutoencoderKL
 
 # EditPipeline's jitted programs (text encoding, the guided sampling loop, decoding) and its
 # progress reporter: reused so SDEdit samples exactly as the editor does.
-from ip2p_jax.pipeline import LatentPipeline, pad_batch, per_example
-from ip2p_jax.samplers import DDIM, DPMSolverPP2M, Euler, EulerAncestral, Sampler, get_sampler
-from ip2p_jax.schedules import NoiseSchedule
+from ip2p_jax.pipelines.base import (
+    GuidedBatch,
+    LatentPipeline,
+    batch_seeds,
+    pad_batch,
+    per_example,
+    row_seeds,
+)
+from ip2p_jax.runtime.compilation import jit
+from ip2p_jax.weights.model_folder import LoadedComponent
 
 Plan = dict[str, np.ndarray]
 
@@ -156,12 +170,7 @@ class SDEditPipeline(LatentPipeline):
         prompts = list(prompts)
         negatives = per_example(negative_prompt, batch, "negative_prompt")
         scales = np.asarray(per_example(guidance_scale, batch, "guidance_scale"), np.float32)
-        seeds = list(range(batch)) if seeds is None else list(seeds)
-        if len(prompts) != batch or len(seeds) != batch:
-            raise ValueError(
-                f"{batch} images need {batch} prompts and seeds, got {len(prompts)} and "
-                f"{len(seeds)}"
-            )
+        seeds = row_seeds(batch, prompts, seeds, "prompts")
         if isinstance(sampler, str):
             sampler = get_sampler(sampler)
         plan, alpha, sigma = img2img_plan(sampler, self.schedule, steps, strength)
@@ -192,12 +201,8 @@ class SDEditPipeline(LatentPipeline):
         # No image condition: a zero-channel image latent makes the guided denoiser's two rows
         # (text, null text) plain classifier-free guidance.
         no_image = jnp.zeros((*x_start.shape[:-1], 0), x_start.dtype)
-        latents = self._sample(
-            sampler,
-            plan,
-            kept,
-            three_rows=False,
-            progress=progress,
+        step_noise = pad_batch(step_noise, padded, axis=1)
+        conditions = GuidedBatch(
             text=texts,
             null_text=nulls,
             image_latent=no_image,
@@ -205,8 +210,9 @@ class SDEditPipeline(LatentPipeline):
             image_scale=jnp.ones_like(scales_d),
             keys=keys_d[:, 2],
             init_noise=x_start,
-            step_noise=pad_batch(step_noise, padded, axis=1),
+            step_noise=None if step_noise is None else jnp.asarray(step_noise),
         )
+        latents = self._sample(sampler, plan, kept, conditions, three_rows=False, progress=progress)
         return self._decode_latents(latents, batch)
 
     def edit(
@@ -228,30 +234,20 @@ class SDEditPipeline(LatentPipeline):
         groups; an int ``seed`` gives image k the seed ``seed + k``."""
         images = list(images)
         batch = len(images)
-        prompts = per_example(prompts, batch, "prompts")
-        seeds = [seed + k for k in range(batch)] if isinstance(seed, int) else list(seed)
-        if len(seeds) != batch:
-            raise ValueError(f"{batch} images need {batch} seeds, got {len(seeds)}")
-        scales = per_example(guidance_scale, batch, "guidance_scale")
-        negatives = per_example(negative_prompt, batch, "negative_prompt")
+        per_image = {
+            "prompts": per_example(prompts, batch, "prompts"),
+            "seeds": batch_seeds(seed, batch),
+            "guidance_scale": per_example(guidance_scale, batch, "guidance_scale"),
+            "negative_prompt": per_example(negative_prompt, batch, "negative_prompt"),
+        }
         kept_steps(steps, strength)  # a bad strength fails here, before anything compiles
-        sampler_obj = get_sampler(sampler)
-
-        def run_group(pixels: np.ndarray, group: list[int]) -> np.ndarray:
-            pick = lambda values: [values[k] for k in group]
-            return self.edit_arrays(
-                pixels,
-                pick(prompts),
-                strength=strength,
-                steps=steps,
-                guidance_scale=pick(scales),
-                seeds=pick(seeds),
-                sampler=sampler_obj,
-                negative_prompt=pick(negatives),
-                progress=progress,
-            )
-
-        return self._run_by_shape(images, resolution, 8, run_group, keep_size=False)
+        shared = {
+            "strength": strength,
+            "steps": steps,
+            "sampler": get_sampler(sampler),
+            "progress": progress,
+        }
+        return self._edit_by_shape(images, per_image, shared, resolution, 8, keep_size=False)
 
 
 def check_text_to_image_model(model: str | os.PathLike) -> Path:
@@ -270,5 +266,5 @@ def _channels_message(where: str, channels: int, latent: int) -> str:
     return (
         f"SDEdit needs a {latent}-channel text-to-image Stable Diffusion model, but the UNet of "
         f"{where} takes {channels} input channels{guess}; give --sdedit a text-to-image SD "
-        "folder such as runwayml/stable-diffusion-v1-5"
+        "folder such as stable-diffusion-v1-5/stable-diffusion-v1-5"
     )

@@ -23,32 +23,44 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from ip2p_jax.atomic import atomic_folder
-from ip2p_jax.convert import (
+from ip2p_jax.diffusion.schedules import NoiseSchedule
+from ip2p_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from ip2p_jax.models.config import load_json
+from ip2p_jax.models.tokenizer import BUNDLED_DIR, CLIPTokenizer
+from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
+from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
+from ip2p_jax.weights.atomic import atomic_folder
+from ip2p_jax.weights.convert import (
     ConversionError,
     params_to_state_dict,
     raise_mismatch,
     state_dict_to_params,
     widen_conv_in,
 )
-from ip2p_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from ip2p_jax.models.config import load_json
-from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
-from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
-from ip2p_jax.safetensors_io import (
+from ip2p_jax.weights.safetensors_io import (
     WeightsError,
     find_weights,
     iter_safetensors,
     iter_weights,
     write_safetensors,
 )
-from ip2p_jax.schedules import NoiseSchedule
-from ip2p_jax.tokenizer import BUNDLED_DIR, CLIPTokenizer
 
 MARKER = "ip2p_jax.json"
 PARAMS_FILE = "params.safetensors"
 FORMAT_VERSION = 1
 COPIED_FOLDERS = ("tokenizer", "scheduler")
+# What a hub download fetches: the configs, the tokenizer files and each component's own
+# weights. Not the whole-pipeline single-file checkpoints some repos keep at their root, nor
+# the fp16 / non-EMA variants beside the weights (each several GB).
+HUB_FILES = (
+    "*.json",
+    "*.txt",
+    "*/diffusion_pytorch_model.safetensors",
+    "*/diffusion_pytorch_model-*-of-*.safetensors",
+    "*/model.safetensors",
+    "*/model-*-of-*.safetensors",
+    f"*/{PARAMS_FILE}",
+)
 PARAM_DTYPES = {
     "float32": np.dtype(np.float32),
     "bfloat16": np.dtype(jnp.bfloat16),
@@ -142,9 +154,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
             raise FileNotFoundError(
                 f"{text} is not a local folder; downloading it needs huggingface_hub"
             ) from err
-        patterns = ["*.json", "*.txt", "*.safetensors"]
         try:
-            return Path(snapshot_download(text, allow_patterns=patterns))
+            return Path(snapshot_download(text, allow_patterns=list(HUB_FILES)))
         except Exception as err:  # offline, unknown id, gated repo, ...
             raise FileNotFoundError(
                 f"{text} is not a local folder, and downloading it from the hub failed: {err}"

@@ -23,7 +23,7 @@ import jax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 if TYPE_CHECKING:
-    from ip2p_jax.checkpoint import LoadedComponent
+    from ip2p_jax.weights.model_folder import LoadedComponent
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from ip2p_jax.shipped import SamplingDefaults
+from ip2p_jax.apps.shipped import SamplingDefaults
 
 # The original app's ranges: s_T uniform in [6, 9], s_I in [1.2, 1.8], seeds up to 100000.
 TEXT_SCALE_RANGE = (6.0, 9.0)
@@ -69,7 +69,7 @@ def build_app(pipeline: Any, defaults: SamplingDefaults, *, title: str = "ip2p-j
     scales."""
     import gradio as gr
 
-    from ip2p_jax.demo import load_demo_edits
+    from ip2p_jax.apps.demo import load_demo_edits
     from ip2p_jax.worlds.shapes import render
 
     examples = load_demo_edits()
@@ -165,8 +165,8 @@ def launch_app(
 ):
     """Loads the model (the bundled shapes model by default) and serves the page; returns
     the Gradio Blocks (already serving when ``block`` is False)."""
-    from ip2p_jax.pipeline import EditPipeline
-    from ip2p_jax.shipped import sampling_defaults, shipped_model
+    from ip2p_jax.apps.shipped import sampling_defaults, shipped_model
+    from ip2p_jax.pipelines.edit import EditPipeline
 
     shipped = model is None
     pipeline = EditPipeline.from_pretrained(shipped_model() if shipped else model)

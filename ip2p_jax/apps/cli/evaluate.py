@@ -1,8 +1,11 @@
-"""``ip2p eval edits``: the paper's evaluation of a real model on an edit-pair dataset.
+"""``ip2p eval shapes`` and ``ip2p eval edits``: score a model's edits.
 
-Writes DIR/metrics.json (a row per sweep point, every example's scores), DIR/plot.png (CLIP
-direction vs image similarity, one line per method) and DIR/grid.png (inputs, edits at each
-scale, targets). Neither JAX nor torch is imported until the command runs (``--help`` stays fast).
+eval shapes: the shapes world's held-out edits, scored against the exact truth (a table, and
+with --json every score). eval edits: the paper's evaluation of a real model on an edit-pair
+dataset; writes DIR/metrics.json (a row per sweep point, every example's scores), DIR/plot.png
+(CLIP direction vs image similarity, one line per method) and DIR/grid.png (inputs, edits at
+each scale, targets). Neither JAX nor torch is imported until a command runs (``--help`` stays
+fast).
 """
 
 from __future__ import annotations
@@ -12,22 +15,76 @@ import gc
 import time
 from pathlib import Path
 
+from ip2p_jax.apps.cli.arguments import (
+    DTYPE_NAMES,
+    add_model_argument,
+    add_sampler_argument,
+    add_scale_arguments,
+    add_steps_argument,
+    comma_floats,
+    fill_model_defaults,
+)
+from ip2p_jax.apps.shipped import REFERENCE_SAMPLING
 from ip2p_jax.evaluation.sweep import DEFAULT_STRENGTHS, PAPER_IMAGE_SCALES, PAPER_TEXT_SCALES
 
 
-def comma_floats(text: str) -> list[float]:
-    """An argparse type: "1,1.5,2" -> [1.0, 1.5, 2.0]; at least one number."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text!r}") from err
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
+def _run_shapes(args: argparse.Namespace) -> int:
+    from ip2p_jax.evaluation.shapes import evaluate_shapes, format_table, write_report
+    from ip2p_jax.pipelines.edit import EditPipeline
+
+    fill_model_defaults(args)
+    options = {
+        "steps": args.steps,
+        "text_scale": args.text_scale,
+        "image_scale": args.image_scale,
+        "sampler": args.sampler,
+    }
+    pipe = EditPipeline.from_pretrained(args.model)
+    table, results = evaluate_shapes(
+        pipe,
+        num=args.num,
+        split=args.split,
+        seed=args.seed,
+        size=args.size,
+        batch_size=args.batch_size,
+        train_phrasing=args.train_phrasing,
+        **options,
+    )
+    print(format_table(table))
+    if args.json:
+        settings = {
+            "model": str(args.model),
+            "num": args.num,
+            "split": args.split,
+            "train_phrasing": args.train_phrasing,
+            "seed": args.seed,
+        }
+        write_report(args.json, table, results, {**settings, **options})
+        print(f"wrote {args.json}")
+    return 0
 
 
-def add_edits_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``ip2p eval edits`` (cli.py adds --sampler, shared with edit/grid)."""
+def _add_shapes_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``ip2p eval shapes``: unset sampling options are the model's."""
+    add_model_argument(parser)
+    parser.add_argument("--num", type=int, default=200, help="examples")
+    parser.add_argument("--split", default="heldout", choices=["heldout", "validation", "train"])
+    parser.add_argument("--size", type=int, default=64, help="image side, pixels")
+    add_steps_argument(parser)
+    add_scale_arguments(parser)
+    add_sampler_argument(parser)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--train-phrasing",
+        action="store_true",
+        help="say each held-out edit in its nearest training phrasing (same scenes and edits)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the table and every score here")
+
+
+def _add_edits_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``ip2p eval edits``: the paper's settings, not the shapes model's."""
     parser.add_argument(
         "--model", required=True, help="InstructPix2Pix model: folder, hub id or checkpoint"
     )
@@ -56,9 +113,7 @@ def add_edits_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=256, help="square side, pixels")
     parser.add_argument("--seed", type=int, default=0, help="example k is edited with seed + k")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="params"
-    )
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="params")
     parser.add_argument(
         "--sdedit", help="also run SDEdit with this 4-channel text-to-image SD model folder"
     )
@@ -72,14 +127,15 @@ def add_edits_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics-device", default="cpu", help="torch device of CLIP/DINO (cpu, cuda)"
     )
     parser.add_argument("--out", type=Path, default=Path("out/eval-edits"), help="output folder")
+    add_sampler_argument(parser, REFERENCE_SAMPLING.sampler)
 
 
 def run_edits(args: argparse.Namespace) -> int:
     """Runs the sweep; every input is checked before a model is compiled."""
+    from ip2p_jax.diffusion.samplers import get_sampler
     from ip2p_jax.evaluation import sweep
     from ip2p_jax.evaluation.clip_metrics import EditScorer
     from ip2p_jax.evaluation.plots import plot_tradeoff, save_png, sweep_grid
-    from ip2p_jax.samplers import get_sampler
 
     start = time.perf_counter()
     for name in ("steps", "batch_size", "grid_rows"):
@@ -89,7 +145,7 @@ def run_edits(args: argparse.Namespace) -> int:
     get_sampler(args.sampler)
     points = sweep.ip2p_points(args.text_scales, args.image_scales)
     if args.sdedit:
-        from ip2p_jax.evaluation.sdedit import check_text_to_image_model, kept_steps
+        from ip2p_jax.pipelines.sdedit import check_text_to_image_model, kept_steps
 
         for strength in args.strengths:
             kept_steps(args.steps, strength)
@@ -118,14 +174,14 @@ def run_edits(args: argparse.Namespace) -> int:
             progress=True,
         )
 
-    from ip2p_jax.pipeline import EditPipeline
+    from ip2p_jax.pipelines.edit import EditPipeline
 
     pipe = EditPipeline.from_pretrained(args.model, dtype=args.dtype)
     results = [run(sweep.IP2P, sweep.ip2p_editor(pipe, steps=args.steps, sampler=args.sampler))]
     del pipe  # one model in memory at a time
     gc.collect()
     if args.sdedit:
-        from ip2p_jax.evaluation.sdedit import SDEditPipeline
+        from ip2p_jax.pipelines.sdedit import SDEditPipeline
 
         sd = SDEditPipeline.from_pretrained(args.sdedit, dtype=args.dtype)
         results.append(
@@ -163,3 +219,21 @@ def run_edits(args: argparse.Namespace) -> int:
     print(sweep.format_table(result.rows))
     print(f"wrote {metrics}, {plot}, {grid} in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def add_parsers(commands) -> None:
+    """Registers ``eval`` with its worlds, shapes and edits, on ``commands`` (add_subparsers())."""
+    evaluate = commands.add_parser("eval", help="score edit quality")
+    worlds = evaluate.add_subparsers(dest="world", required=True)
+    shapes = worlds.add_parser(
+        "shapes", help="the shapes world's held-out edits, scored against the exact truth"
+    )
+    _add_shapes_arguments(shapes)
+    shapes.set_defaults(run=_run_shapes)
+    edits = worlds.add_parser(
+        "edits",
+        help="a real model on an edit-pair dataset: the paper's CLIP metrics over s_I "
+        "(and an SDEdit baseline), metrics.json, plot.png, grid.png",
+    )
+    _add_edits_arguments(edits)
+    edits.set_defaults(run=run_edits)

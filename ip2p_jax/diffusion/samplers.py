@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ip2p_jax.schedules import NoiseSchedule, spaced_timesteps
+from ip2p_jax.diffusion.schedules import NoiseSchedule, spaced_timesteps
 
 Plan = dict[str, jax.Array]
 Denoise = Callable[[jax.Array, jax.Array], jax.Array]  # (model input, timestep) -> model output

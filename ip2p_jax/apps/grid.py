@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
-from ip2p_jax.pipeline import EditPipeline
+from ip2p_jax.pipelines.edit import EditPipeline
 
 
 def scale_grid(

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ip2p_jax.assets import ASSETS
 from ip2p_jax.worlds.shapes import Edit, Scene, apply_edit, render
 from ip2p_jax.worlds.shapes.score import EditScore, score_edit
 
-DEMO_SCENES = Path(__file__).with_name("assets") / "demo" / "scenes.json"
+DEMO_SCENES = ASSETS / "demo" / "scenes.json"
 CELL = 128  # pixels per image in the grid (64 px scenes, shown at 2x)
 CAPTION_LINES = 3
 LINE_HEIGHT = 12
@@ -95,8 +96,8 @@ def run_demo(
     seed: int = 0,
 ) -> int:
     """Edits the bundled scenes with the bundled (or given) model; writes and prints the grid."""
-    from ip2p_jax.pipeline import EditPipeline
-    from ip2p_jax.shipped import SHAPES_SAMPLING, shipped_model
+    from ip2p_jax.apps.shipped import SHAPES_SAMPLING, shipped_model
+    from ip2p_jax.pipelines.edit import EditPipeline
 
     edits = load_demo_edits()
     folder = model or shipped_model()
