@@ -29,11 +29,15 @@ $(CHROMIUM):
 		echo "tests/test_app.py needs $(CHROMIUM): sudo apt-get install chromium"; exit 1; \
 	fi
 
+# Two xdist workers, a test module (or group, tests/conftest.py) to each, longest first; the
+# 15 slowest tests are printed at the end.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
+
 test: setup browser
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not full_size"
+	$(PYTEST) -m "not full_size"
 
 demo: setup
 	$(PY) -m ip2p_jax demo

@@ -36,3 +36,23 @@ def micro_config(data_path, **changes) -> TrainConfig:
         checkpoint_every=3,
     )
     return dataclasses.replace(config, **changes)
+
+
+@pytest.fixture(scope="session")
+def six_step_run(shapes32, tmp_path_factory):
+    """``micro_config(shapes32)`` trained to its end (6 steps): the workdir and final state,
+    trained once for the tests that compare with it or export from it (they only read it)."""
+    from ip2p_jax.train.loop import train
+
+    workdir = tmp_path_factory.mktemp("six_steps")
+    return workdir, train(micro_config(shapes32), workdir)
+
+
+@pytest.fixture(scope="session")
+def three_step_run(shapes32, tmp_path_factory):
+    """The same config stopped after 3 steps (checkpointed at 3): its workdir, read only."""
+    from ip2p_jax.train.loop import train
+
+    workdir = tmp_path_factory.mktemp("three_steps")
+    train(micro_config(shapes32, steps=3), workdir)
+    return workdir

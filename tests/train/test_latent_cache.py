@@ -25,19 +25,19 @@ def _losses(workdir) -> list[float]:
     return [row["loss"] for row in read_metrics(workdir)]
 
 
-def test_cached_run_matches_the_pixel_run_and_resumes_across_the_switch(shapes32, tmp_path):
-    train(micro_config(shapes32), tmp_path / "pixels")
+def test_cached_run_matches_the_pixel_run_and_resumes_across_the_switch(
+    shapes32, six_step_run, tmp_path
+):
+    pixels = six_step_run[0]  # micro_config(shapes32) trained from pixels
     train(_cached(micro_config(shapes32)), tmp_path / "cached")
     # The VAE is encoded in another compiled program: equal to float32 rounding.
-    np.testing.assert_allclose(
-        _losses(tmp_path / "cached"), _losses(tmp_path / "pixels"), rtol=1e-4, atol=1e-6
-    )
+    np.testing.assert_allclose(_losses(tmp_path / "cached"), _losses(pixels), rtol=1e-4, atol=1e-6)
     assert (tmp_path / "cached/latents/train/input_moments.npy").is_file()
 
     train(micro_config(shapes32, steps=3), tmp_path / "switched")
     train(_cached(micro_config(shapes32)), tmp_path / "switched", resume=True)
     np.testing.assert_allclose(
-        _losses(tmp_path / "switched"), _losses(tmp_path / "pixels"), rtol=1e-4, atol=1e-6
+        _losses(tmp_path / "switched"), _losses(pixels), rtol=1e-4, atol=1e-6
     )
 
 

@@ -19,33 +19,33 @@ def _unet_leaves(folder) -> dict:
     return {name: np.asarray(value) for name, value in flatten_dict(params, sep="/").items()}
 
 
-def test_export_run_at_a_saved_step_is_the_model_of_a_run_that_ended_there(shapes32, tmp_path):
-    train(micro_config(shapes32, steps=3), tmp_path / "short")
-    train(micro_config(shapes32, steps=6), tmp_path / "long")
+def test_export_run_at_a_saved_step_is_the_model_of_a_run_that_ended_there(
+    three_step_run, six_step_run, tmp_path
+):
+    short, long = three_step_run, six_step_run[0]  # the same config, 3 and 6 steps
 
-    assert main(["export-run", str(tmp_path / "long"), str(tmp_path / "at3"), "--step", "3"]) == 0
-    ended = _unet_leaves(tmp_path / "short/model")
+    assert main(["export-run", str(long), str(tmp_path / "at3"), "--step", "3"]) == 0
+    ended = _unet_leaves(short / "model")
     exported = _unet_leaves(tmp_path / "at3")
     assert ended.keys() == exported.keys()
     for name, value in ended.items():
         np.testing.assert_array_equal(exported[name], value, err_msg=name)
 
     raw = tmp_path / "raw3"
-    long = str(tmp_path / "long")
-    assert main(["export-run", long, str(raw), "--step", "3", "--raw-weights"]) == 0
-    differs = [not np.array_equal(_unet_leaves(raw)[n], v) for n, v in ended.items()]
+    assert main(["export-run", str(long), str(raw), "--step", "3", "--raw-weights"]) == 0
+    raw_leaves = _unet_leaves(raw)
+    differs = [not np.array_equal(raw_leaves[n], v) for n, v in ended.items()]
     assert any(differs)  # the EMA (decay 0.99) is not the optimizer's weights
 
     latest = tmp_path / "latest"
-    assert main(["export-run", str(tmp_path / "long"), str(latest)]) == 0
-    final = _unet_leaves(tmp_path / "long/model")
+    assert main(["export-run", str(long), str(latest)]) == 0
+    final, latest_leaves = _unet_leaves(long / "model"), _unet_leaves(latest)
     for name, value in final.items():
-        np.testing.assert_array_equal(_unet_leaves(latest)[name], value, err_msg=name)
+        np.testing.assert_array_equal(latest_leaves[name], value, err_msg=name)
 
 
-def test_export_run_names_the_missing_step_and_the_saved_ones(shapes32, tmp_path, capsys):
-    train(micro_config(shapes32, steps=3), tmp_path / "run")
-    assert main(["export-run", str(tmp_path / "run"), str(tmp_path / "out"), "--step", "2"]) == 2
+def test_export_run_names_the_missing_step_and_the_saved_ones(three_step_run, tmp_path, capsys):
+    assert main(["export-run", str(three_step_run), str(tmp_path / "out"), "--step", "2"]) == 2
     assert "has no checkpoint of step 2; it has [3]" in capsys.readouterr().err
     assert main(["export-run", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "is not an `ip2p train` workdir" in capsys.readouterr().err

@@ -90,15 +90,15 @@ def test_the_text_encoder_is_trained_only_when_the_config_says(
     assert any(changed) == train_text_encoder
 
 
-def test_resumed_run_equals_the_straight_run(shapes32, tmp_path):
-    straight = train(micro_config(shapes32), tmp_path / "straight")
+def test_resumed_run_equals_the_straight_run(shapes32, six_step_run, tmp_path):
+    straight_dir, straight = six_step_run
     half = micro_config(shapes32, steps=3)
     train(half, tmp_path / "resumed")
     with pytest.raises(FileExistsError, match="--resume"):
         train(micro_config(shapes32), tmp_path / "resumed")
     resumed = train(micro_config(shapes32), tmp_path / "resumed", resume=True)
     assert int(resumed.step) == 6
-    assert _losses(tmp_path / "straight") == _losses(tmp_path / "resumed")
+    assert _losses(straight_dir) == _losses(tmp_path / "resumed")
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
