@@ -65,6 +65,7 @@ def _group(item: pytest.Item) -> str:
     return SHARED_GROUPS.get(module, module)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups off the markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
