@@ -1,6 +1,7 @@
 """The InstructPix2Pix training objective as pure functions: conditioning dropout, forward
-diffusion, and the epsilon / v MSE of the 8-channel UNet. Every random input (noise,
-timesteps, the dropout draw) is an argument, so a PyTorch step can be fed the same ones."""
+diffusion (diffusion/forward.py), and the epsilon / v MSE of the 8-channel UNet. Every
+random input (noise, timesteps, the dropout draw) is an argument, so a PyTorch step can be
+fed the same ones."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from ip2p_jax.diffusion.forward import add_noise, regression_target
 from ip2p_jax.train.config import DropoutConfig
 
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (x, t, text) -> prediction
@@ -36,30 +38,6 @@ def apply_dropout(
     text = jnp.where(drop_text[:, None, None], null_text.astype(text.dtype), text)
     image_latent = jnp.where(drop_image[:, None, None, None], 0.0, image_latent)
     return text, image_latent
-
-
-def add_noise(
-    alphas_cumprod: jax.Array, latents: jax.Array, noise: jax.Array, timesteps: jax.Array
-) -> jax.Array:
-    """sqrt(a_t) x + sqrt(1 - a_t) noise, diffusers' DDPMScheduler.add_noise."""
-    alpha = alphas_cumprod[timesteps][:, None, None, None]
-    return jnp.sqrt(alpha) * latents + jnp.sqrt(1 - alpha) * noise
-
-
-def regression_target(
-    prediction_type: str,
-    alphas_cumprod: jax.Array,
-    latents: jax.Array,
-    noise: jax.Array,
-    timesteps: jax.Array,
-) -> jax.Array:
-    """epsilon: the noise; v_prediction: sqrt(a_t) noise - sqrt(1 - a_t) x (get_velocity)."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        alpha = alphas_cumprod[timesteps][:, None, None, None]
-        return jnp.sqrt(alpha) * noise - jnp.sqrt(1 - alpha) * latents
-    raise ValueError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
 
 
 def diffusion_loss(

@@ -277,8 +277,8 @@ def test_forward_diffusion_matches_ddpm_scheduler(tiny_folder, prediction_type):
     import torch
     from diffusers import DDPMScheduler
 
+    from ip2p_jax.diffusion.forward import add_noise, regression_target
     from ip2p_jax.diffusion.schedules import NoiseSchedule
-    from ip2p_jax.train.loss import add_noise, regression_target
 
     scheduler = DDPMScheduler.from_pretrained(tiny_folder, subfolder="scheduler")
     ours = NoiseSchedule.from_folder(tiny_folder).alphas_cumprod()
