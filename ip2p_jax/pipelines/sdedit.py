@@ -4,9 +4,9 @@ The math is diffusers' StableDiffusionImg2ImgPipeline: the sampler's timesteps f
 are cut to the last ``int(steps * strength)``, the input image's VAE latent (a posterior
 sample, times the scaling factor) is noised to the first kept timestep as that scheduler's
 ``add_noise`` does, and the chain runs from there with text classifier-free guidance
-(``eps = uncond + s (text - uncond)``). The pieces are EditPipeline's: its text encoder,
-sampling loop and decoder programs, with an image latent of zero channels, so the guided
-denoiser's two rows are plain text CFG on a 4-channel UNet.
+(``eps = uncond + s (text - uncond)``). The pieces are LatentPipeline's, which EditPipeline
+runs too: its text encoder, sampling loop and decoder programs, with an image latent of zero
+channels, so the guided denoiser's two rows are plain text CFG on a 4-channel UNet.
 
 A strength is a number of steps, so each strength compiles its own sampling loop; seeds,
 prompts and guidance scales are data.
@@ -36,8 +36,8 @@ from ip2p_jax.diffusion.schedules import NoiseSchedule
 from ip2p_jax.models.config import load_json
 from ip2p_jax.models.vae import AutoencoderKL
 
-# EditPipeline's jitted programs (text encoding, the guided sampling loop, decoding) and its
-# progress reporter: reused so SDEdit samples exactly as the editor does.
+# LatentPipeline's jitted programs (text encoding, the guided sampling loop, decoding) and
+# progress, the editor's own: SDEdit samples exactly as EditPipeline does.
 from ip2p_jax.pipelines.base import (
     GuidedBatch,
     LatentPipeline,
