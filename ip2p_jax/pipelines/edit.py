@@ -82,7 +82,6 @@ class EditPipeline(LatentPipeline):
             *(pad_batch(a, padded) for a in (pixels, s_t, s_i, init_noise))
         )
         texts, nulls, keys = self._shard(texts, nulls, keys)
-        step_noise = pad_batch(step_noise, padded, axis=1)
         conditions = GuidedBatch(
             text=texts,
             null_text=nulls,
@@ -91,7 +90,7 @@ class EditPipeline(LatentPipeline):
             image_scale=s_i_d,
             keys=keys,
             init_noise=init_d,
-            step_noise=None if step_noise is None else jnp.asarray(step_noise),
+            step_noise=pad_batch(step_noise, padded, axis=1),
         )
         three_rows = bool((s_i != 1.0).any())
         latents = self._sample(

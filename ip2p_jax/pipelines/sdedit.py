@@ -201,7 +201,6 @@ class SDEditPipeline(LatentPipeline):
         # No image condition: a zero-channel image latent makes the guided denoiser's two rows
         # (text, null text) plain classifier-free guidance.
         no_image = jnp.zeros((*x_start.shape[:-1], 0), x_start.dtype)
-        step_noise = pad_batch(step_noise, padded, axis=1)
         conditions = GuidedBatch(
             text=texts,
             null_text=nulls,
@@ -210,7 +209,7 @@ class SDEditPipeline(LatentPipeline):
             image_scale=jnp.ones_like(scales_d),
             keys=keys_d[:, 2],
             init_noise=x_start,
-            step_noise=None if step_noise is None else jnp.asarray(step_noise),
+            step_noise=pad_batch(step_noise, padded, axis=1),
         )
         latents = self._sample(sampler, plan, kept, conditions, three_rows=False, progress=progress)
         return self._decode_latents(latents, batch)
