@@ -8,7 +8,7 @@
 # SHARED must be a filesystem every host sees (NFS, a gcsfuse mount): the dataset, the
 # starting model and the workdir (orbax writes one checkpoint from all hosts) live there.
 # The command is idempotent: after a preemption, run it again; --resume continues from the
-# last checkpoint (SIGTERM makes each host save before it goes).
+# last checkpoint (a SIGTERM on any host makes every host save the same step and exit 0).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${SHARED:?set SHARED}"
 CHECKOUT=${CHECKOUT:-ip2p-jax}   # where the repository is cloned on every host

@@ -38,6 +38,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # a module to a worker, so module fixtures and the programs they compile are built once.
 HEAVY_GROUPS = (
     "sd15",
+    "tests/train/test_multihost.py",
     "tests/train/test_distributed.py",
     "train runs",
     "tests/train/test_config_and_models.py",

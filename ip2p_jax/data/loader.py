@@ -1,6 +1,7 @@
 """The training input pipeline: a grain DataLoader over an edit-pair split, with a seeded
-deterministic order, paired augmentation and tokenization in worker processes, one shard per
-JAX process, and a state that goes into the training checkpoint to resume mid-epoch exactly.
+deterministic order, paired augmentation and tokenization in worker processes, one block of
+each global batch per JAX process, and a state that goes into the training checkpoint to
+resume mid-epoch exactly (on another process count too, see :func:`resume_position`).
 
 Batches are dicts of numpy arrays (images uint8 NHWC, token ids int32), this process's part
 of the global batch, ready for `jax.make_array_from_process_local_data`.
@@ -9,12 +10,17 @@ of the global batch, ready for `jax.make_array_from_process_local_data`.
     batches = iter(loader)
     batch = next(batches)
     state = batches.get_state()        # JSON-able; batches.set_state(state) resumes after it
+
+Global batch b is the sampler's examples [b * batch_size, (b + 1) * batch_size), whatever
+the process count: process p of n reads the block [b * B + p * m, b * B + (p + 1) * m) of it
+(m = B / n). A run on 2 hosts therefore trains on the same batches, row for row, as on one
+(as long as no example is skipped), and the global array's rows are the sampler's order.
 """
 
 from __future__ import annotations
 
 import collections
-import json
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -126,8 +132,47 @@ def _with_text(
     return element
 
 
+class ProcessBlocks:
+    """A grain sampler: this process's rows of every global batch, from `start` on.
+
+    Global batch b holds the indices [b * B, (b + 1) * B) of the whole-split `sampler`;
+    process `shard_index` of `shard_count` takes its block of `local_batch` of them. The
+    metadata (record and augmentation seed) is the global index's, so an example is the same
+    pixels on every process count."""
+
+    def __init__(self, sampler, shard_index: int, shard_count: int, local_batch: int, start=0):
+        self.sampler = sampler
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.local_batch, self.start = local_batch, start
+
+    def global_index(self, local: int) -> int:
+        """The whole-split sampler index of this process's `local`-th example."""
+        batch, row = divmod(local, self.local_batch)
+        global_batch = self.local_batch * self.shard_count
+        return batch * global_batch + self.shard_index * self.local_batch + row
+
+    def __len__(self) -> int:
+        total = len(self.sampler)
+        if total == sys.maxsize:  # repeats forever
+            return total
+        whole_batches = total // (self.local_batch * self.shard_count)
+        return max(0, whole_batches * self.local_batch - self.start)
+
+    def __getitem__(self, index: int):
+        if index < 0 or index >= len(self):
+            raise IndexError(f"index {index} is past this process's {len(self)} examples")
+        return self.sampler[self.global_index(self.start + index)]
+
+    def __repr__(self) -> str:
+        return (
+            f"ProcessBlocks({self.sampler!r}, shard={self.shard_index}/{self.shard_count}, "
+            f"local_batch={self.local_batch}, start={self.start})"
+        )
+
+
 class EditPairLoader:
-    """Batches of one split for one JAX process (shard `shard_index` of `shard_count`)."""
+    """Batches of one split for one JAX process (block `shard_index` of `shard_count` of
+    every global batch; see the module docstring)."""
 
     def __init__(
         self,
@@ -151,31 +196,36 @@ class EditPairLoader:
         self.source = source
         self.config = config
         self.tokenizer = tokenizer
-        self.shard_options = grain.sharding.ShardOptions(
-            shard_index=shard_index, shard_count=shard_count, drop_remainder=True
-        )
+        self.shard_index, self.shard_count = shard_index, shard_count
         self.local_batch_size = config.batch_size // shard_count
 
     def __iter__(self) -> BatchIterator:
         return BatchIterator(self)
 
-    def _grain_loader(self) -> grain.DataLoader:
+    def sampler(self, start: int = 0) -> ProcessBlocks:
+        """This process's examples in order, from its `start`-th on."""
         config = self.config
-        if config.worker_count:
-            _mark_absl_flags_parsed()
-        sampler = grain.samplers.IndexSampler(
+        whole = grain.samplers.IndexSampler(
             num_records=len(self.source),
-            shard_options=self.shard_options,
             shuffle=config.shuffle,
             num_epochs=config.num_epochs,
             seed=config.seed,
         )
+        return ProcessBlocks(
+            whole, self.shard_index, self.shard_count, self.local_batch_size, start
+        )
+
+    def _grain_loader(self, start: int) -> grain.DataLoader:
+        config = self.config
+        if config.worker_count:
+            _mark_absl_flags_parsed()
         return grain.DataLoader(
             data_source=self.source,
-            sampler=sampler,
+            sampler=self.sampler(start),
             operations=[self._prepare()],
             worker_count=config.worker_count,
             worker_buffer_size=config.worker_buffer_size,
+            shard_options=grain.sharding.NoSharding(),  # ProcessBlocks picks our examples
         )
 
     def _prepare(self) -> grain.transforms.Map | grain.transforms.RandomMap:
@@ -190,17 +240,21 @@ class EditPairLoader:
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
     """Yields batches; counts (and warns once per reason about) skipped bad examples.
 
-    Batches are assembled here, one element at a time, so after each batch grain's state
-    points exactly past its last example and nothing is buffered that a resume would lose.
+    Batches are assembled here, one element at a time, so after each batch the count of
+    examples read points exactly past its last example and nothing is buffered that a
+    resume would lose.
     """
 
     def __init__(self, loader: EditPairLoader):
         self.loader = loader
-        self._elements = iter(loader._grain_loader())
+        self.consumed = 0  # examples of this process read so far (skipped ones too)
+        self._elements: Iterator[dict] | None = None  # started on the first batch
         self.skipped: collections.Counter[str] = collections.Counter()
         self.batches = 0
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._elements is None:  # (set_state before any batch starts grain only once)
+            self._elements = iter(self.loader._grain_loader(self.consumed))
         rows: list[dict] = []
         while len(rows) < self.loader.local_batch_size:
             try:
@@ -209,6 +263,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
                 if rows and not self.loader.config.drop_remainder:
                     break
                 raise
+            self.consumed += 1
             if SKIPPED in element:
                 self._count_skip(element)
                 continue
@@ -227,19 +282,77 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         self.skipped[reason] += 1
 
     def get_state(self) -> dict[str, Any]:
-        """JSON-able position: where grain is, how many batches and skips so far."""
-        grain_state = self._elements.get_state()  # JSON, as bytes
+        """JSON-able position of this process: examples read, batches, skips so far."""
         return {
-            "grain": json.loads(grain_state),
+            "consumed": self.consumed,
+            "local_batch_size": self.loader.local_batch_size,
             "batches": self.batches,
             "skipped": dict(self.skipped),
         }
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Continues right after the batch at which `state` was taken."""
-        self._elements.set_state(json.dumps(state["grain"]).encode())
+        """Continues right after the batch at which `state` was taken (this process's own
+        state; :func:`resume_position` makes one from every process's of another run)."""
+        if "grain" in state:
+            state = {**state, "consumed": _consumed_from_grain_state(state["grain"])}
+        self.consumed = int(state["consumed"])
+        self._elements = None
         self.batches = int(state["batches"])
         self.skipped = collections.Counter(state["skipped"])
+
+
+def resume_position(
+    states: list[Mapping[str, Any]], shard_index: int, shard_count: int, local_batch: int
+) -> dict[str, Any]:
+    """Process `shard_index` of `shard_count`'s state from the states of every process of a
+    run (`BatchIterator.get_state`, in process order), on the same or another process count.
+
+    The same count: the process's own state. Another: every process starts at the first
+    example some process of the saved run had not read yet, so nothing is left out; examples
+    the faster processes had read past it (skips make processes drift) are read again. Skip
+    counts go to process 0."""
+    if len(states) == shard_count and all(
+        int(s.get("local_batch_size", local_batch)) == local_batch for s in states
+    ):
+        return dict(states[shard_index])
+    global_batch = local_batch * shard_count
+    frontier = min(
+        _next_global_index(state, p, len(states), global_batch) for p, state in enumerate(states)
+    )
+    batch, offset = divmod(frontier, global_batch)
+    into_block = min(max(offset - shard_index * local_batch, 0), local_batch)
+    skipped: collections.Counter[str] = collections.Counter()
+    if shard_index == 0:
+        for state in states:
+            skipped.update(state["skipped"])
+    return {
+        "consumed": batch * local_batch + into_block,
+        "local_batch_size": local_batch,
+        "batches": int(states[0]["batches"]),
+        "skipped": dict(skipped),
+    }
+
+
+def _next_global_index(
+    state: Mapping[str, Any], shard_index: int, shard_count: int, global_batch: int
+) -> int:
+    """The whole-split index of the next example the process of `state` would have read
+    (states from before `local_batch_size` was kept are of one-process runs: the batch)."""
+    local_batch = int(state.get("local_batch_size", global_batch // shard_count))
+    if "grain" in state:
+        state = {**state, "consumed": _consumed_from_grain_state(state["grain"])}
+    blocks = ProcessBlocks(None, shard_index, shard_count, local_batch)
+    return blocks.global_index(int(state["consumed"]))
+
+
+def _consumed_from_grain_state(grain_state: Mapping[str, Any]) -> int:
+    """Examples read, from the grain DataLoader state that checkpoints of one process held
+    before ProcessBlocks (their worker w's last index i means (i + W - w) // W reads)."""
+    workers = max(int(grain_state["worker_count"]), 1)
+    return sum(
+        (int(index) + workers - int(worker)) // workers
+        for worker, index in grain_state["last_seen_indices"].items()
+    )
 
 
 def _stack(rows: list[dict]) -> dict[str, np.ndarray]:

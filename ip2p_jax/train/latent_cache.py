@@ -30,6 +30,7 @@ from ip2p_jax.data.augment import BadExample, decode_pair
 from ip2p_jax.data.edit_pairs import EditPairSource
 from ip2p_jax.data.loader import SKIPPED
 from ip2p_jax.models.vae import DiagonalGaussian
+from ip2p_jax.runtime.distributed import barrier, host_copy, is_primary
 from ip2p_jax.train.config import DataConfig
 from ip2p_jax.weights.atomic import atomic_folder
 from ip2p_jax.weights.model_folder import LoadedComponent
@@ -66,9 +67,9 @@ def encode_images(vae_module: Any, vae_params: Any, images: jax.Array) -> Diagon
 def vae_fingerprint(vae: LoadedComponent) -> str:
     """A hash of the VAE's config and every weight: a cache is only valid for this VAE."""
     digest = hashlib.sha256(json.dumps(vae.config, sort_keys=True, default=str).encode())
-    for path, leaf in jax.tree_util.tree_leaves_with_path(vae.params):  # in key order
+    for path, leaf in jax.tree_util.tree_leaves_with_path(host_copy(vae.params)):  # key order
         digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+        digest.update(np.ascontiguousarray(leaf).tobytes())
     return digest.hexdigest()
 
 
@@ -124,6 +125,21 @@ def cached_latents(
     """The cache of `source` under `folder`: reused when it was made from the same split with
     the same VAE, else encoded now (atomically: a killed run leaves no half cache)."""
     folder = Path(folder)
+    if is_primary():  # one process encodes and writes; the others wait, then read it
+        _make_cache(source, vae, folder, resolution, batch_size, report)
+    barrier(f"latent cache {folder}")
+    return LatentSplit(folder)
+
+
+def _make_cache(
+    source: EditPairSource,
+    vae: LoadedComponent,
+    folder: Path,
+    resolution: int,
+    batch_size: int,
+    report: Callable[[str], None],
+) -> None:
+    """Encodes `source` into `folder` unless a cache made from it with `vae` is there."""
     wanted = {
         "format": FORMAT_VERSION,
         "source": repr(source),
@@ -135,13 +151,12 @@ def cached_latents(
     if manifest.is_file():
         found = json.loads(manifest.read_text())
         if all(found.get(name) == value for name, value in wanted.items()):
-            return LatentSplit(folder)
+            return
         stale = [name for name, value in wanted.items() if found.get(name) != value]
         report(f"latent cache {folder} is stale ({', '.join(stale)} changed); encoding again")
     with atomic_folder(folder, overwrite=True) as staging:
         _encode_split(source, vae, staging, resolution, batch_size, report)
         (staging / MANIFEST).write_text(json.dumps(wanted, indent=2))
-    return LatentSplit(folder)
 
 
 def _encode_split(
@@ -155,6 +170,8 @@ def _encode_split(
     from tqdm import tqdm
 
     encode = jax.jit(functools.partial(encode_images, vae.module))
+    # On this process's first device: the trainer's copy may span every process's devices.
+    params = jax.device_put(host_copy(vae.params), jax.local_devices()[0])
     count = len(source)
     outputs: dict[str, np.lib.format.open_memmap] = {}
     examples: list[dict] = []
@@ -185,7 +202,7 @@ def _encode_split(
                     else np.asarray(image.convert("RGB"))
                 )
         for name, images in pixels.items():
-            posterior = encode(vae.params, jnp.asarray(np.stack(images)))
+            posterior = encode(params, jnp.asarray(np.stack(images)))
             moments = np.asarray(jnp.concatenate([posterior.mean, posterior.logvar], axis=-1))
             if name not in outputs:
                 outputs[name] = np.lib.format.open_memmap(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,9 +25,16 @@ from PIL import Image
 
 from ip2p_jax.data.augment import Augmentation
 from ip2p_jax.data.edit_pairs import EditPairSource
-from ip2p_jax.data.loader import EditPairLoader, InputConfig, Tokenizer
+from ip2p_jax.data.loader import EditPairLoader, InputConfig, Tokenizer, resume_position
 from ip2p_jax.runtime.compilation import enable_compilation_cache
-from ip2p_jax.runtime.mesh import make_mesh
+from ip2p_jax.runtime.distributed import (
+    StopRequest,
+    barrier,
+    gather_json,
+    host_copy,
+    is_primary,
+)
+from ip2p_jax.runtime.mesh import fsdp_at_hand, local_mesh, make_mesh
 from ip2p_jax.train.config import TrainConfig
 from ip2p_jax.train.latent_cache import LatentSplit, cached_latents
 from ip2p_jax.train.models import ModelSet, load_models
@@ -64,7 +70,8 @@ class Task:
     config: Any
     build: Callable[[Mesh], Stepper]  # loads or initialises the models; compiles lazily
     # (trainer, state, workdir, step, reporter) -> workdir/validation/step_N.png
-    validate: Callable[[Any, TrainState, Path, int, Reporter], Path]
+    # Both are called by every process (they gather the weights); process 0 writes.
+    validate: Callable[[Any, TrainState, Path, int, Reporter], Path | None]
     export: Callable[[Any, TrainState, Path], Path]  # (trainer, state, folder) -> folder
     model_folder: str = "model"  # in the workdir
     # The tokenizer of the batches' `input_ids` (from the trainer); None leaves them out.
@@ -72,20 +79,6 @@ class Task:
     # (trainer, workdir) -> the training split the loader reads (an EditPairSource or cache)
     train_source: Callable[[Any, Path], Any] = lambda trainer, workdir: train_split(trainer.config)
     images_per_pair: int = 1  # what examples_per_s counts: pairs, or their images
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step: save, then exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_split(config: Any) -> EditPairSource:
@@ -120,33 +113,45 @@ def train(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = Fal
 
 
 def run(task: Task, workdir: str | os.PathLike, *, resume: bool = False) -> TrainState:
-    """Runs `task` to `task.config.steps`; returns the final state."""
+    """Runs `task` to `task.config.steps`; returns the final state.
+
+    In a multi-process run every process calls it with the same arguments: each feeds its
+    block of every global batch, all agree on stopping, and only process 0 writes the
+    config, reports, validation images and the model (orbax writes the checkpoints)."""
     config = task.config
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    primary = is_primary()
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
     if checkpoints.latest_step() is not None and not resume:
         raise FileExistsError(
             f"{workdir} already has checkpoints (latest step {checkpoints.latest_step()}); "
             "pass --resume to continue, or use a new --workdir"
         )
-    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
     enable_compilation_cache()
-    mesh = make_mesh(config.fsdp)
+    restoring = resume and checkpoints.latest_step() is not None
+    # A resumed run takes the devices at hand: a checkpoint restores onto any layout.
+    mesh = make_mesh(fsdp_at_hand(config.fsdp) if restoring else config.fsdp)
     trainer = task.build(mesh)
     source = task.train_source(trainer, workdir)
-    batches = iter(make_loader(config, task.tokenizer(trainer), source))
-    if resume and checkpoints.latest_step() is not None:
+    loader = make_loader(config, task.tokenizer(trainer), source)
+    batches = iter(loader)
+    if restoring:
         state, data_state = checkpoints.restore(trainer.abstract_state())
         trainer.release_loaded_weights()  # the restored state has its own
-        batches.set_state(data_state)
+        saved = data_state.get("processes", [data_state])  # one-process runs saved one
+        batches.set_state(
+            resume_position(saved, loader.shard_index, loader.shard_count, loader.local_batch_size)
+        )
     else:
         state = trainer.init_state()
     step = int(state.step)
 
-    reporter = Reporter(workdir, config.steps, step)
-    preemption = _Preemption()
+    reporter = Reporter(workdir, config.steps, step, write=primary)
+    stop = StopRequest()
     try:
         window_start, window_steps = time.perf_counter(), 0
         in_flight = None
@@ -160,7 +165,7 @@ def run(task: Task, workdir: str | os.PathLike, *, resume: bool = False) -> Trai
             step += 1
             window_steps += 1
             reporter.advance()
-            stopping = preemption.requested  # read once: a signal may land mid-iteration
+            stopping = stop.due(step)  # the same step on every process
             last = step == config.steps or stopping
             values = None  # fetched from the device at most once per step
             if step % config.log_every == 0 or last:
@@ -173,7 +178,8 @@ def run(task: Task, workdir: str | os.PathLike, *, resume: bool = False) -> Trai
             if step % config.checkpoint_every == 0 or last:
                 if values is None:  # never save a diverged state
                     _finite_metrics(step, metrics, checkpoints)
-                checkpoints.save(step, state, batches.get_state())
+                data_states = gather_json(batches.get_state())
+                checkpoints.save(step, state, {"processes": data_states})
             if config.validate_every and step % config.validate_every == 0:
                 task.validate(trainer, state, workdir, step, reporter)
             if stopping:
@@ -183,7 +189,7 @@ def run(task: Task, workdir: str | os.PathLike, *, resume: bool = False) -> Trai
         if step >= config.steps:
             task.export(trainer, state, workdir / task.model_folder)
     finally:
-        preemption.restore()
+        stop.close()
         checkpoints.close()
         reporter.close()
     return state
@@ -191,7 +197,7 @@ def run(task: Task, workdir: str | os.PathLike, *, resume: bool = False) -> Trai
 
 def _finite_metrics(step: int, metrics: dict, checkpoints: Checkpoints) -> dict[str, float]:
     """The step's metrics on the host; TrainingDiverged if any is NaN or inf."""
-    values = host_metrics(metrics)
+    values = host_metrics(metrics)  # replicated: every process reads the same values
     if not is_finite(values):
         raise TrainingDiverged(
             f"step {step}: {values}; stopped. The last checkpoint "
@@ -207,8 +213,9 @@ def trained_params(state: TrainState):
 
 
 def trained_component(component: LoadedComponent, params: Any) -> LoadedComponent:
-    """`component` (one a run trains) with `params` (from :func:`trained_params`), on the host."""
-    return dataclasses.replace(component, params=jax.device_get(params))
+    """`component` (one a run trains) with `params` (from :func:`trained_params`), copied
+    to this host. *Collective* in a multi-process run: every process gathers them."""
+    return dataclasses.replace(component, params=host_copy(params))
 
 
 def save_grid(
@@ -251,11 +258,17 @@ def unet_train_source(trainer: Trainer, workdir: Path) -> EditPairSource | Laten
 
 
 def trained_models(trainer: Trainer, state: TrainState) -> ModelSet:
-    """The trainer's models, each trained one with the EMA weights (the ones to sample with),
-    or the raw ones when the run keeps no EMA."""
+    """The trainer's models on this host, each trained one with the EMA weights (the ones to
+    sample with), or the raw ones when the run keeps no EMA. *Collective*."""
     params = trained_params(state)
+    frozen = {
+        name: trained_component(component, component.params)
+        for name in ("vae", "text_encoder")
+        if (component := getattr(trainer.models, name)) is not None and name not in params
+    }
     return dataclasses.replace(
         trainer.models,
+        **frozen,
         **{
             name: trained_component(getattr(trainer.models, name), weights)
             for name, weights in params.items()
@@ -267,11 +280,15 @@ def validation_grid(
     trainer: Trainer, state: TrainState, workdir: Path, step: int, reporter: Reporter
 ) -> Path:
     """Edits the first validation examples with the EMA weights; one row per example:
-    input, edited, target. Saved as workdir/validation/step_N.png and to TensorBoard."""
+    input, edited, target. Saved as workdir/validation/step_N.png and to TensorBoard.
+    Process 0 edits on its own devices; the others return None once the weights are
+    gathered."""
     from ip2p_jax.pipelines.edit import EditPipeline
     from ip2p_jax.pipelines.images import decode_png
 
     config, models = trainer.config, trained_models(trainer, state)
+    if not is_primary():
+        return None
     source = EditPairSource(config.data.path, config.data.validation_split)
     examples = [source[i] for i in range(min(config.validation_images, len(source)))]
     pipeline = EditPipeline(
@@ -280,6 +297,7 @@ def validation_grid(
         models.text_encoder,
         models.tokenizer,
         models.schedule,
+        mesh=local_mesh(),
     )
     inputs = [Image.fromarray(decode_png(ex["input_image"])) for ex in examples]
     edited = pipeline.edit(
@@ -300,7 +318,8 @@ def validation_grid(
 
 def export_model(trainer: Trainer, state: TrainState, destination: Path) -> Path:
     """Our checkpoint folder with the EMA weights of what the run trained and the frozen
-    parts: `ip2p edit --model` and `ip2p export` (to diffusers) take it."""
+    parts: `ip2p edit --model` and `ip2p export` (to diffusers) take it. Every process
+    gathers the weights; process 0 writes."""
     from ip2p_jax.weights.model_folder import write_checkpoint
 
     models = trained_models(trainer, state)
@@ -309,4 +328,16 @@ def export_model(trainer: Trainer, state: TrainState, destination: Path) -> Path
         "vae": models.vae,
         "text_encoder": models.text_encoder,
     }
-    return write_checkpoint(destination, components, models.tokenizer, models.schedule)
+    return written_by_primary(
+        destination,
+        lambda: write_checkpoint(destination, components, models.tokenizer, models.schedule),
+    )
+
+
+def written_by_primary(destination: Path, write: Callable[[], Path]) -> Path:
+    """`write()` on process 0, then every process waits until it is done: when they exit,
+    `destination` is complete. *Collective*."""
+    if is_primary():
+        write()
+    barrier(f"written {destination}")
+    return destination

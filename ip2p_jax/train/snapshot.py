@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ip2p_jax.runtime.mesh import make_mesh
+from ip2p_jax.runtime.mesh import fsdp_at_hand, make_mesh
 from ip2p_jax.train.config import TrainConfig
 from ip2p_jax.train.loop import Task, unet_task
 from ip2p_jax.train.state_checkpoints import Checkpoints
@@ -70,7 +70,9 @@ def export_run(
             raise FileNotFoundError(f"{checkpoints.directory} holds no checkpoint")
         if step is not None and step not in saved:
             raise ValueError(f"{workdir} has no checkpoint of step {step}; it has {saved}")
-        trainer = task.build(make_mesh(task.config.fsdp))
+        # This machine's devices, whatever the run was trained on: orbax lays the saved
+        # arrays out on the mesh at hand.
+        trainer = task.build(make_mesh(fsdp_at_hand(task.config.fsdp)))
         state, _ = checkpoints.restore(trainer.abstract_state(), step)
     finally:
         checkpoints.close()

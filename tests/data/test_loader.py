@@ -11,7 +11,7 @@ import pytest
 
 from ip2p_jax.data.augment import Augmentation, drop_words
 from ip2p_jax.data.edit_pairs import EditPairSource, write_dataset
-from ip2p_jax.data.loader import EditPairLoader, InputConfig
+from ip2p_jax.data.loader import EditPairLoader, InputConfig, resume_position
 from ip2p_jax.data.schema import make_example
 from ip2p_jax.models.tokenizer import CLIPTokenizer
 from ip2p_jax.pipelines.images import decode_png, encode_png
@@ -83,6 +83,76 @@ def test_process_shards_are_disjoint_and_cover_the_data(pairs_dataset):
     assert set().union(*shards) == {f"ex/{i:04d}" for i in range(36)}
     with pytest.raises(ValueError, match="batch_size 4 does not split over 3 processes"):
         _loader(pairs_dataset, shard=(0, 3))
+
+
+def _global_batches(dataset, processes: int, count: int, states=None, **config):
+    """`count` global batches of `processes` loaders (their blocks concatenated in process
+    order, as the global array holds them), and each process's state after them."""
+    iterators = []
+    for index in range(processes):
+        batches = iter(_loader(dataset, shard=(index, processes), batch_size=12, **config))
+        if states is not None:
+            batches.set_state(resume_position(states, index, processes, 12 // processes))
+        iterators.append(batches)
+    out = []
+    for _ in range(count):
+        blocks = [next(batches) for batches in iterators]
+        out.append({k: np.concatenate([b[k] for b in blocks]) for k in ("key", "input_image")})
+    return out, [batches.get_state() for batches in iterators]
+
+
+def _assert_same_batches(first: list[dict], second: list[dict]) -> None:
+    assert len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        assert a["key"].tolist() == b["key"].tolist()
+        assert np.array_equal(a["input_image"], b["input_image"])  # the same augmentation
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_global_batches_are_the_same_on_any_process_count(pairs_dataset, processes):
+    one, _ = _global_batches(pairs_dataset, 1, 7)
+    many, _ = _global_batches(pairs_dataset, processes, 7)
+    _assert_same_batches(one, many)
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [(2, 1), (1, 3), (3, 2)])
+def test_resume_on_another_process_count_continues_the_same_batches(pairs_dataset, saved, resumed):
+    whole, _ = _global_batches(pairs_dataset, 1, 8)
+    _, states = _global_batches(pairs_dataset, saved, 5)
+    rest, after = _global_batches(pairs_dataset, resumed, 3, states=states)
+    _assert_same_batches(whole[5:], rest)
+    assert [state["batches"] for state in after] == [8] * resumed
+
+
+def test_resume_on_another_process_count_reads_again_rather_than_leaves_out():
+    """Skips make processes drift: the resumed run starts where the slowest one was."""
+    states = [
+        {"consumed": 8, "local_batch_size": 4, "batches": 2, "skipped": {}},
+        {"consumed": 10, "local_batch_size": 4, "batches": 2, "skipped": {"corrupt_image": 2}},
+    ]
+    # Global batch 2 is [16, 24): process 0's block 16-19 is unread, process 1 had read 20
+    # and 21 of its block 20-23 (it skipped two examples before). One process resumes at 16.
+    one = resume_position(states, 0, 1, 8)
+    assert one["consumed"] == 16 and one["skipped"] == {"corrupt_image": 2}
+    # Four processes (blocks of 2): global batch 2 starts at 16, each has read 2 blocks.
+    assert [resume_position(states, p, 4, 2)["consumed"] for p in range(4)] == [4, 4, 4, 4]
+    assert resume_position(states, 1, 4, 2)["skipped"] == {}
+    assert one["batches"] == 2
+
+
+def test_a_checkpoint_of_the_grain_era_resumes(pairs_dataset):
+    """Checkpoints written before ProcessBlocks hold grain's own state."""
+    whole = list(itertools.islice(iter(_loader(pairs_dataset)), 7))
+    for workers, seen in ((0, {"0": 19}), (2, {"0": 18, "1": 19})):
+        legacy = {
+            "grain": {"worker_count": workers, "last_seen_indices": seen},
+            "batches": 5,
+            "skipped": {},
+        }
+        resumed = iter(_loader(pairs_dataset))
+        resumed.set_state(legacy)
+        assert resumed.consumed == 20
+        _assert_same_batches(whole[5:], [next(resumed), next(resumed)])
 
 
 def test_augmentation_is_the_same_on_both_images(pairs_dataset):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +24,27 @@ def shapes32(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes32")
     build_shapes(out, 256, num_validation=12, num_heldout=0, size=32)
     return out
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_config_file(path: Path, imports: str, call: str) -> Path:
+    """A config file for `ip2p train --config` whose get_config() returns `call`, after
+    `imports` (this checkout's tests are importable from it, in any process)."""
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(ROOT)!r})
+            {imports}
+
+            def get_config():
+                return {call}
+            """
+        )
+    )
+    return path
 
 
 def micro_config(data_path, **changes) -> TrainConfig:

@@ -1,10 +1,9 @@
 """A few train steps of the micro setup on fixed batches, for the device-count tests: run
-as a script in a subprocess with N simulated devices, or as one of several JAX processes.
+as a script in a subprocess with N simulated devices.
 
-    python tests/train/run_steps.py OUT.npz [--fsdp 2] [--processes 2 --process-id 0 --port P]
+    python tests/train/run_steps.py OUT.npz [--fsdp 2]
 
-Every process builds the same global batches and feeds its own rows, so any layout of the
-same global batch must give the same losses and params.
+Any layout of the same global batch must give the same losses and params.
 """
 
 from __future__ import annotations
@@ -32,12 +31,11 @@ def fixed_batches(tokenizer, steps: int = STEPS, batch: int = BATCH):
         }
 
 
-def run(fsdp: int, process_id: int, processes: int) -> dict:
-    """Losses per step and the final params (gathered to every process) as flat numpy."""
+def run(fsdp: int) -> dict:
+    """Losses per step and the final params as flat numpy."""
     import jax
     import numpy as np
     from flax.traverse_util import flatten_dict
-    from jax.experimental import multihost_utils
 
     from ip2p_jax.runtime.mesh import make_mesh
     from ip2p_jax.train.models import load_models
@@ -50,13 +48,11 @@ def run(fsdp: int, process_id: int, processes: int) -> dict:
     mesh = make_mesh(fsdp)
     trainer = make_trainer(config, models, mesh)
     state = trainer.init_state()
-    rows = BATCH // processes
     losses = []
     for batch in fixed_batches(models.tokenizer):
-        local = {k: v[process_id * rows : (process_id + 1) * rows] for k, v in batch.items()}
-        state, metrics = trainer.step(state, global_batch(local, mesh))
+        state, metrics = trainer.step(state, global_batch(batch, mesh))
         losses.append(host_metrics(metrics)["loss"])
-    params = multihost_utils.process_allgather(state.params, tiled=True)
+    params = jax.device_get(state.params)
     flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
     return {"losses": np.asarray(losses), "devices": jax.device_count(), **flat}
 
@@ -65,25 +61,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--fsdp", type=int, default=1)
-    parser.add_argument("--processes", type=int, default=1)
-    parser.add_argument("--process-id", type=int, default=0)
-    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    if args.processes > 1:
-        import jax
-
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=f"127.0.0.1:{args.port}",
-            num_processes=args.processes,
-            process_id=args.process_id,
-        )
     import numpy as np
 
-    result = run(args.fsdp, args.process_id, args.processes)
-    if args.process_id == 0:
-        np.savez(args.out, **result)
+    np.savez(args.out, **run(args.fsdp))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
-"""The train step gives the same losses and params on 1 device, on 8 simulated devices (data
-parallel and FSDP), and over 2 JAX processes on localhost with CPU collectives."""
+"""The train step gives the same losses and params on 1 device and on 8 simulated devices
+(data parallel and FSDP). Several JAX processes: tests/train/test_multihost.py."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,21 +51,4 @@ def test_eight_devices_equal_one(one_device, tmp_path, fsdp):
     _finish(_run(out, "--fsdp", str(fsdp), devices=8))
     result = dict(np.load(out))
     assert int(result["devices"]) == 8 and int(one_device["devices"]) == 1
-    _assert_same(result, one_device)
-
-
-def test_two_processes_equal_one(one_device, tmp_path):
-    with socket.socket() as probe:  # a free port for the coordinator
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    out = tmp_path / "two.npz"
-    common = ("--processes", "2", "--port", str(port))
-    workers = [
-        _run(out, *common, "--process-id", str(pid), devices=2, stdout=subprocess.DEVNULL)
-        for pid in (0, 1)
-    ]
-    for worker in workers:
-        _finish(worker)
-    result = dict(np.load(out))
-    assert int(result["devices"]) == 4  # 2 processes x 2 devices each
     _assert_same(result, one_device)

@@ -5,7 +5,6 @@ and the exported vae/ loads (what a UNet run's model.vae_from does)."""
 from __future__ import annotations
 
 import dataclasses
-import textwrap
 from pathlib import Path
 
 import flax.linen as nn
@@ -19,7 +18,7 @@ from ip2p_jax.train.config import load_config
 from ip2p_jax.train.reporting import read_metrics
 from ip2p_jax.train.vae import VAETrainConfig, kl_divergence, train_vae, vae_loss
 from ip2p_jax.weights.model_folder import load_component
-from tests.train.conftest import MICRO_VAE, micro_config
+from tests.train.conftest import MICRO_VAE, micro_config, write_config_file
 
 ROOT = Path(__file__).resolve().parents[2]
 STEP_METRICS = ("loss", "reconstruction", "kl", "grad_norm", "learning_rate")
@@ -45,17 +44,10 @@ def _step_rows(workdir) -> dict[int, dict]:
 
 
 def test_reconstruction_falls_through_the_cli(shapes32, tmp_path):
-    config_file = tmp_path / "micro_vae.py"
-    config_file.write_text(
-        textwrap.dedent(
-            f"""
-            import sys
-            sys.path.insert(0, {str(ROOT)!r})
-            from tests.train.test_vae import micro_vae_config
-            def get_config():
-                return micro_vae_config({str(shapes32)!r})
-            """
-        )
+    config_file = write_config_file(
+        tmp_path / "micro_vae.py",
+        "from tests.train.test_vae import micro_vae_config",
+        f"micro_vae_config({str(shapes32)!r})",
     )
     workdir = tmp_path / "run"
     overrides = ["--config.steps=24", "--config.validate_every=24", "--config.checkpoint_every=24"]

@@ -29,10 +29,12 @@ def _run_training(args: argparse.Namespace, kind: str) -> int:
             f"{args.config} gives a {type(config).__name__}; `ip2p {args.command}` needs a "
             f"{expected.__name__}"
         )
-    if args.distributed:  # every host runs the same command; JAX finds the others
-        import jax
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if args.distributed or any(value is not None for value in explicit):
+        # Every process runs the same command; JAX finds the others or is told where.
+        from ip2p_jax.runtime.distributed import initialize
 
-        jax.distributed.initialize()
+        initialize(*explicit)
     try:
         state = run(config, args.workdir, resume=args.resume)
     except TrainingDiverged as err:
@@ -54,8 +56,15 @@ def _add_training_parser(commands, name: str, kind: str, help_text: str) -> None
     parser.add_argument(
         "--distributed",
         action="store_true",
-        help="multi-host (TPU pod, SLURM): call jax.distributed.initialize() first",
+        help="one process of a multi-host run: JAX detects the cluster (TPU pod, SLURM, ...)",
     )
+    parser.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="process 0's address, for clusters JAX does not detect (implies --distributed)",
+    )
+    parser.add_argument("--num-processes", type=int, help="with --coordinator: how many")
+    parser.add_argument("--process-id", type=int, help="with --coordinator: this one (0..N-1)")
     # overrides: main() fills it with the --config.a.b=value arguments argparse leaves unknown.
     parser.set_defaults(run=lambda args: _run_training(args, kind), overrides=[])
 
