@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
@@ -167,3 +168,12 @@ def test_unset_sampling_options_come_from_the_model_kind(tiny_folder):
     args = argparse.Namespace(model=None, **{**dict.fromkeys(names), "text_scale": 2.0})
     fill_model_defaults(args)
     assert args.text_scale == 2.0 and args.image_scale == SHAPES_SAMPLING.image_scale
+
+
+def test_train_takes_all_three_cluster_flags_or_none(tmp_path, capsys):
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py")
+    command = ["train", "--config", config, "--workdir", str(tmp_path / "run")]
+    assert main([*command, "--coordinator", "127.0.0.1:1234", "--process-id", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "give all of --coordinator HOST:PORT, --num-processes and --process-id" in err
+    assert not (tmp_path / "run").exists()  # refused before anything started
