@@ -387,6 +387,7 @@ class TorchTrainStep:
         warmup_steps: int = 0,
         schedule: str = "constant",
         total_steps: int = 1000,
+        decay_steps: int = 0,
         ema_decay: float = 0.9999,
         conditioning_dropout_prob: float = 0.05,
         prediction_type: str = "epsilon",
@@ -399,8 +400,8 @@ class TorchTrainStep:
         from diffusers.training_utils import EMAModel
         from transformers import CLIPTextModel
 
-        if schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
+        if schedule not in ("constant", "cosine", "wsd"):
+            raise ValueError(f"schedule must be constant, cosine or wsd, got {schedule!r}")
         folder = Path(folder)
         self.vae = TorchAutoencoderKL.from_pretrained(folder / "vae").float()
         self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").float()
@@ -425,12 +426,21 @@ class TorchTrainStep:
             eps=eps,
             weight_decay=weight_decay,
         )
-        self.lr_scheduler = get_scheduler(
-            "constant_with_warmup" if schedule == "constant" else "cosine",
-            optimizer=self.optimizer,
-            num_warmup_steps=warmup_steps,
-            num_training_steps=total_steps,
-        )
+        if schedule == "wsd":  # diffusers has no warmup-stable-decay: its factor by hand
+
+            def factor(step: int) -> float:
+                if step < warmup_steps:
+                    return step / warmup_steps
+                return min(1.0, max(0.0, (total_steps - step) / max(decay_steps, 1)))
+
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        else:
+            self.lr_scheduler = get_scheduler(
+                "constant_with_warmup" if schedule == "constant" else "cosine",
+                optimizer=self.optimizer,
+                num_warmup_steps=warmup_steps,
+                num_training_steps=total_steps,
+            )
         self.ema = EMAModel(self.unet.parameters(), decay=ema_decay) if ema_decay else None
         self.grad_clip = grad_clip
         self.conditioning_dropout_prob = conditioning_dropout_prob
@@ -454,6 +464,7 @@ class TorchTrainStep:
             warmup_steps=optim.warmup_steps,
             schedule=optim.schedule,
             total_steps=config.steps,
+            decay_steps=optim.decay_steps,
             ema_decay=config.ema_decay,
             conditioning_dropout_prob=rates.text_only,
             prediction_type=config.prediction_type,
