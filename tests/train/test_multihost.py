@@ -90,6 +90,15 @@ def _unet(folder: Path) -> dict[str, np.ndarray]:
     return {"/".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
 
 
+def _assert_same_unet(model: Path, reference: dict[str, np.ndarray]) -> None:
+    unet = _unet(model)
+    assert sorted(unet) == sorted(reference)
+    for name, expected in reference.items():
+        np.testing.assert_allclose(
+            unet[name], expected, atol=PARAM_ATOL, err_msg=f"{model}: {name}"
+        )
+
+
 @pytest.fixture(scope="module")
 def one_process_model(shapes32, tmp_path_factory) -> dict[str, np.ndarray]:
     """The UNet a one-process, one-device run of the same config exports."""
@@ -142,9 +151,31 @@ def test_two_hosts_stop_resume_and_export_like_one(shapes32, one_process_model, 
     export = _ip2p("export-run", str(workdir), str(exported), devices=1)
     _finish([export])
     for model in (workdir / "model", exported):
-        unet = _unet(model)
-        assert sorted(unet) == sorted(one_process_model)
-        for name, reference in one_process_model.items():
-            np.testing.assert_allclose(
-                unet[name], reference, atol=PARAM_ATOL, err_msg=f"{model}: {name}"
-            )
+        _assert_same_unet(model, one_process_model)
+
+
+def test_a_run_resumes_on_another_process_and_device_count(shapes32, one_process_model, tmp_path):
+    """3 steps on 2 processes x 1 device (fsdp=2 across them), the rest on 1 process with 1
+    device: orbax restores onto the mesh at hand, and the data goes on from the same example,
+    so the model is the one-process run's."""
+    config = _config_file(tmp_path, shapes32, fsdp=2)
+    workdir = tmp_path / "run"
+    port = str(_free_port())
+    first = [
+        _ip2p(
+            "train",
+            *("--config", str(config), "--workdir", str(workdir), "--config.steps=3"),
+            *("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"),
+            *("--process-id", str(pid)),
+            devices=1,
+        )
+        for pid in (0, 1)
+    ]
+    _finish(first)
+    resumed = _ip2p(
+        "train", "--config", str(config), "--workdir", str(workdir), "--resume", devices=1
+    )
+    (out,) = _finish([resumed])
+    assert f"finished at step {STEPS}" in out
+    assert [row["step"] for row in read_metrics(workdir)] == list(range(1, STEPS + 1))
+    _assert_same_unet(workdir / "model", one_process_model)
