@@ -70,6 +70,15 @@ def host_copy(tree: Any) -> Any:
     return treedef.unflatten(copies)
 
 
+def addressable(tree: Any) -> Any:
+    """`tree` itself when this process holds every leaf whole (one process: always), else
+    :func:`host_copy` of it. *Collective* in the second case."""
+    leaves = jax.tree.leaves(tree)
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
+        return tree
+    return host_copy(tree)
+
+
 def gather_json(value: Any) -> list[Any]:
     """Every process's JSON-able `value`, in process order. *Collective*."""
     if jax.process_count() == 1:

@@ -29,6 +29,7 @@ from ip2p_jax.data.loader import EditPairLoader, InputConfig, Tokenizer, resume_
 from ip2p_jax.runtime.compilation import enable_compilation_cache
 from ip2p_jax.runtime.distributed import (
     StopRequest,
+    addressable,
     barrier,
     gather_json,
     host_copy,
@@ -261,8 +262,8 @@ def trained_models(trainer: Trainer, state: TrainState) -> ModelSet:
     """The trainer's models on this host, each trained one with the EMA weights (the ones to
     sample with), or the raw ones when the run keeps no EMA. *Collective*."""
     params = trained_params(state)
-    frozen = {
-        name: trained_component(component, component.params)
+    frozen = {  # on the devices already, unless they span other processes' too
+        name: dataclasses.replace(component, params=addressable(component.params))
         for name in ("vae", "text_encoder")
         if (component := getattr(trainer.models, name)) is not None and name not in params
     }

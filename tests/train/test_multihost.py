@@ -1,8 +1,9 @@
 """`ip2p train` as a pod runs it: 2 JAX processes x 2 CPU devices on localhost (gloo
 collectives), with FSDP groups across both processes (fsdp=4), inside each (fsdp=2), and pure
-data parallelism. A few steps with validation and checkpoints; a SIGTERM to one process
-mid-run; `--resume`; then `ip2p export-run` on one device. The exported model must equal a
-one-process run's, and the workdir must hold one set of files."""
+data parallelism. Each run takes a few steps with checkpoints, gets a SIGTERM to one process
+mid-run and is resumed with `--resume`; every model must equal a one-process run's. The
+fsdp=4 run also validates and is exported on one device by `ip2p export-run`; the fsdp=2
+run is resumed on one process."""
 
 from __future__ import annotations
 
@@ -22,18 +23,19 @@ from ip2p_jax.train.reporting import read_metrics
 from ip2p_jax.train.state_checkpoints import Checkpoints
 from tests.train.conftest import ROOT, micro_config, write_config_file
 
-STEPS = 8
-RUN = {"steps": STEPS, "checkpoint_every": 3, "validate_every": 4}
-VALIDATION = {"validation_steps": 2, "validation_images": 2}
+STEPS = 6
+RUN = {"steps": STEPS, "checkpoint_every": 3}
+VALIDATION = {"validate_every": 3, "validation_steps": 2, "validation_images": 2}
 # Two processes reduce in another order than one: float32 sums agree to about 1e-6.
 PARAM_ATOL = 1e-5
 
 
-def _config_file(folder: Path, data: Path, fsdp: int) -> Path:
+def _config_file(folder: Path, data: Path, fsdp: int, validate: bool = False) -> Path:
+    run = {**RUN, **VALIDATION} if validate else RUN
     return write_config_file(
         folder / "config.py",
         "from tests.train.conftest import micro_config",
-        f"micro_config({str(data)!r}, fsdp={fsdp}, **{RUN!r}, **{VALIDATION!r})",
+        f"micro_config({str(data)!r}, fsdp={fsdp}, **{run!r})",
     )
 
 
@@ -61,6 +63,7 @@ def _free_port() -> int:
 
 
 def _train_pair(config: Path, workdir: Path, *extra: str) -> list[subprocess.Popen]:
+    """`ip2p train` as 2 processes of 2 devices each."""
     port = str(_free_port())
     return [
         _ip2p(
@@ -72,6 +75,24 @@ def _train_pair(config: Path, workdir: Path, *extra: str) -> list[subprocess.Pop
         )
         for pid in (0, 1)
     ]
+
+
+def _stop_mid_run(processes: list[subprocess.Popen], workdir: Path) -> int:
+    """SIGTERM to the second process once the run has logged a step; returns the step both
+    stopped at (the one they saved)."""
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+        assert time.monotonic() < deadline, "the run never logged a step"
+        time.sleep(0.2)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = _finish(processes)
+    saved = Checkpoints(workdir).latest_step()
+    assert saved is not None and 1 <= saved < STEPS, outputs
+    assert all(f"stopped at step {saved}" in out for out in outputs)
+    assert "SIGTERM: saved step" in outputs[0] and "SIGTERM" not in outputs[-1]
+    return saved
 
 
 def _finish(processes: list[subprocess.Popen]) -> list[str]:
@@ -101,38 +122,26 @@ def _assert_same_unet(model: Path, reference: dict[str, np.ndarray]) -> None:
 
 @pytest.fixture(scope="module")
 def one_process_model(shapes32, tmp_path_factory) -> dict[str, np.ndarray]:
-    """The UNet a one-process, one-device run of the same config exports."""
+    """The UNet a one-process, one-device run of the same config exports (validation
+    images change nothing in training)."""
     from ip2p_jax.train.loop import train
 
     workdir = tmp_path_factory.mktemp("one_process")
-    train(micro_config(shapes32, **RUN, **VALIDATION), workdir)
+    train(micro_config(shapes32, **RUN), workdir)
     return _unet(workdir / "model")
 
 
-@pytest.mark.parametrize("fsdp", [4, 2, 1], ids=["fsdp4_across_hosts", "fsdp2", "data_parallel"])
-def test_two_hosts_stop_resume_and_export_like_one(shapes32, one_process_model, tmp_path, fsdp):
-    config = _config_file(tmp_path, shapes32, fsdp)
+def test_fsdp_across_hosts_validates_stops_resumes_and_exports_on_one_device(
+    shapes32, one_process_model, tmp_path
+):
+    """fsdp=4: each FSDP group spans both processes, so every weight is split over hosts."""
+    config = _config_file(tmp_path, shapes32, fsdp=4, validate=True)
     workdir = tmp_path / "run"
-
-    # SIGTERM to the second process once the run is under way: both save the same step.
-    first = _train_pair(config, workdir)
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while not (metrics.exists() and metrics.read_text().strip()):
-        assert all(p.poll() is None for p in first), [p.communicate() for p in first]
-        assert time.monotonic() < deadline, "the run never logged a step"
-        time.sleep(0.2)
-    first[1].send_signal(signal.SIGTERM)
-    stopped = _finish(first)
-    saved = Checkpoints(workdir).latest_step()
-    assert saved is not None and 1 <= saved < STEPS, stopped
-    assert all(f"stopped at step {saved}" in out for out in stopped)
-    assert "SIGTERM: saved step" in stopped[0] and "SIGTERM" not in stopped[1]
-
+    _stop_mid_run(_train_pair(config, workdir), workdir)
     finished = _finish(_train_pair(config, workdir, "--resume"))
     assert all(f"finished at step {STEPS}" in out for out in finished)
 
-    # One set of files, each step's metrics once, the validation grids of steps 4 and 8.
+    # One set of files (process 0's), each step's metrics once, validation at steps 3 and 6.
     assert sorted(p.name for p in workdir.iterdir()) == [
         "checkpoints",
         "config.json",
@@ -142,38 +151,37 @@ def test_two_hosts_stop_resume_and_export_like_one(shapes32, one_process_model, 
         "validation",
     ]
     assert [row["step"] for row in read_metrics(workdir)] == list(range(1, STEPS + 1))
-    assert len(list((workdir / "tensorboard").iterdir())) == 2  # the two starts of process 0
+    assert len(list((workdir / "tensorboard").iterdir())) == 2  # process 0's two starts
     validation = sorted(p.name for p in (workdir / "validation").iterdir())
-    assert validation == [f"step_{s:07d}.png" for s in (4, 8)]
+    assert validation == ["step_0000003.png", "step_0000006.png"]
 
-    # Any machine reads the run: the last checkpoint exported on one device.
+    # Any machine reads the run: its last checkpoint exported on one device.
     exported = tmp_path / "exported"
-    export = _ip2p("export-run", str(workdir), str(exported), devices=1)
-    _finish([export])
+    _finish([_ip2p("export-run", str(workdir), str(exported), devices=1)])
     for model in (workdir / "model", exported):
         _assert_same_unet(model, one_process_model)
 
 
-def test_a_run_resumes_on_another_process_and_device_count(shapes32, one_process_model, tmp_path):
-    """3 steps on 2 processes x 1 device (fsdp=2 across them), the rest on 1 process with 1
-    device: orbax restores onto the mesh at hand, and the data goes on from the same example,
-    so the model is the one-process run's."""
+def test_data_parallel_over_hosts_stops_resumes_and_ends_like_one(
+    shapes32, one_process_model, tmp_path
+):
+    config = _config_file(tmp_path, shapes32, fsdp=1)
+    workdir = tmp_path / "run"
+    _stop_mid_run(_train_pair(config, workdir), workdir)
+    _finish(_train_pair(config, workdir, "--resume"))
+    assert [row["step"] for row in read_metrics(workdir)] == list(range(1, STEPS + 1))
+    _assert_same_unet(workdir / "model", one_process_model)
+
+
+def test_fsdp_inside_hosts_stops_and_resumes_on_one_process(shapes32, one_process_model, tmp_path):
+    """fsdp=2 (a group per process), stopped on 2 processes and resumed by 1 process with 2
+    devices: orbax restores onto the mesh at hand, and the data goes on from the example
+    where the saved run was, so the model is the one-process run's."""
     config = _config_file(tmp_path, shapes32, fsdp=2)
     workdir = tmp_path / "run"
-    port = str(_free_port())
-    first = [
-        _ip2p(
-            "train",
-            *("--config", str(config), "--workdir", str(workdir), "--config.steps=3"),
-            *("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"),
-            *("--process-id", str(pid)),
-            devices=1,
-        )
-        for pid in (0, 1)
-    ]
-    _finish(first)
+    _stop_mid_run(_train_pair(config, workdir), workdir)
     resumed = _ip2p(
-        "train", "--config", str(config), "--workdir", str(workdir), "--resume", devices=1
+        "train", "--config", str(config), "--workdir", str(workdir), "--resume", devices=2
     )
     (out,) = _finish([resumed])
     assert f"finished at step {STEPS}" in out
