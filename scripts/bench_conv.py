@@ -1,8 +1,8 @@
 """3x3 convolutions at Stable Diffusion's shapes: XLA's native convolution through YNNPACK
-(XLA:CPU's default) and through XLA's own Eigen kernels (compilation.CPU_COMPILER_OPTIONS),
+(XLA:CPU's default) and through XLA's own Eigen kernels (profile.CPU_COMPILER_OPTIONS),
 the patch matmul (im2col) under the same options, and torch's Conv2d, side by side on this
-CPU. It is the evidence behind CPU_COMPILER_OPTIONS and ``PATCHES_MAX_ROWS`` in
-ip2p_jax/models/layers.py.
+CPU. It is the evidence behind the CPU's backend profile in ip2p_jax/runtime/profile.py:
+CPU_COMPILER_OPTIONS and ``CPU_PATCHES_MAX_ROWS`` (``conv_patches_max_rows``).
 
     .venv/bin/python scripts/bench_conv.py
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from ip2p_jax.runtime.compilation import CPU_COMPILER_OPTIONS
+from ip2p_jax.runtime.profile import CPU_COMPILER_OPTIONS
 
 # (batch, height, width, in, out): UNet levels at 256 px with the 3 guidance rows, and VAE levels.
 SHAPES = [

@@ -139,11 +139,12 @@ def unet_step(preset: str, batch: int):
     import jax
     import jax.numpy as jnp
 
-    from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from ip2p_jax.models.unet import UNetConfig
     from ip2p_jax.testing.reference_models import PRESETS
+    from ip2p_jax.weights.model_folder import COMPONENTS, build_module
 
     config = UNetConfig.from_dict(PRESETS[preset]["unet"])
-    model = UNet2DConditionModel(config)
+    model = build_module(COMPONENTS["unet"], config)  # lowered as the backend profile says
     latents = jnp.zeros((batch, RESOLUTION // 8, RESOLUTION // 8, config.in_channels))
     context = jnp.zeros((batch, 77, config.cross_attention_dim))
     t = jnp.zeros((batch,), jnp.int32)

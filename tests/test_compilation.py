@@ -1,4 +1,5 @@
-"""How our programs compile on the CPU (compilation.jit) and the two lowerings of Conv2d."""
+"""How our programs compile on the CPU (compilation.jit, with the backend profile's XLA
+options) and the two lowerings of Conv2d."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ import torch
 
 from ip2p_jax.models import layers
 from ip2p_jax.runtime import compilation
+from ip2p_jax.runtime.profile import (
+    CPU_COMPILER_OPTIONS,
+    CPU_PATCHES_MAX_ROWS,
+    current_profile,
+    profile_for,
+)
 
 
 def _conv(x, k):
@@ -25,8 +32,11 @@ def test_cpu_programs_compile_without_ynnpack():
     text = ours.lower(x, k).compile().as_text()
     assert "__ynn_fusion" in jax.jit(_conv).lower(x, k).compile().as_text()  # XLA's default
     assert "__ynn_fusion" not in text
-    assert compilation.compiler_options() == compilation.CPU_COMPILER_OPTIONS
+    assert current_profile().xla_options() == CPU_COMPILER_OPTIONS
     np.testing.assert_allclose(ours(x, k), jax.jit(_conv)(x, k), rtol=1e-5, atol=1e-4)
+    # A profile handed to jit is the one it compiles with: no options, XLA's default again.
+    plain = compilation.jit(_conv, profile=profile_for("cpu", compiler_options={}))
+    assert "__ynn_fusion" in plain.lower(x, k).compile().as_text()
 
 
 def test_jit_is_built_on_first_use_and_keeps_jit_arguments():
@@ -57,14 +67,28 @@ def test_jit_is_built_on_first_use_and_keeps_jit_arguments():
     ],
 )
 def test_conv2d_matches_torch_on_both_lowerings(batch, side, kernel, stride, patch_matmul):
+    """The CPU profile's lowering (a patch matmul up to CPU_PATCHES_MAX_ROWS output rows) and
+    the native one (0, the accelerators') give torch's numbers, from the same params."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=(batch, side, side, 24)).astype(np.float32)
-    module = layers.Conv2d(40, kernel, stride, kernel // 2)
+    module = layers.Conv2d(40, kernel, stride, kernel // 2, patches_max_rows=CPU_PATCHES_MAX_ROWS)
+    native = layers.Conv2d(40, kernel, stride, kernel // 2)  # patches_max_rows=0
     params = module.init(jax.random.key(0), x)["params"]
     params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
+    assert jax.tree.map(np.shape, native.init(jax.random.key(0), x)["params"]) == jax.tree.map(
+        np.shape, params
+    )
     rows = batch * (-(-side // stride)) ** 2
-    assert (rows <= layers.PATCHES_MAX_ROWS) == patch_matmul  # both lowerings are covered
+    assert (rows <= CPU_PATCHES_MAX_ROWS) == patch_matmul  # both lowerings are covered
+
+    def convolves(m: layers.Conv2d) -> bool:
+        return "conv_general_dilated" in str(jax.make_jaxpr(m.apply)({"params": params}, x))
+
+    assert convolves(module) != patch_matmul and convolves(native)
     ours = compilation.jit(module.apply)({"params": params}, x)
+    np.testing.assert_allclose(
+        ours, compilation.jit(native.apply)({"params": params}, x), rtol=1e-5, atol=1e-5
+    )
     reference = torch.nn.Conv2d(24, 40, kernel, stride, kernel // 2)
     with torch.no_grad():
         reference.weight.copy_(torch.from_numpy(np.asarray(params["kernel"]).transpose(3, 2, 0, 1)))

@@ -41,22 +41,20 @@ def layer_norm(epsilon: float, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name)
 
 
-# On the CPU, a convolution whose output has at most this many rows (batch x positions) runs
-# as one matmul over gathered patches (im2col). Under compilation.CPU_COMPILER_OPTIONS (XLA's
-# own convolution) that only pays at SD's 4x4 level with one image: 1280->1280 at 3 guidance
-# rows runs at 88 GFLOP/s native and 123 as a matmul; from the 8x8 level (192 rows) up the
-# native convolution is as fast or faster (scripts/bench_conv.py). Other backends keep their
-# native convolution.
-PATCHES_MAX_ROWS = 64
-
-
 class Conv2d(nn.Module):
-    """torch.nn.Conv2d in NHWC with symmetric zero padding; params ``kernel`` (HWIO), ``bias``."""
+    """torch.nn.Conv2d in NHWC with symmetric zero padding; params ``kernel`` (HWIO), ``bias``.
+
+    ``patches_max_rows`` picks the lowering (the backend profile's ``conv_patches_max_rows``,
+    see runtime.profile): 0 runs the native convolution; N > 0 runs 1x1 convolutions, and
+    those whose output has at most N rows (batch x positions), as one matmul over gathered
+    patches (im2col). Both give the same numbers to float rounding, and the same params.
+    """
 
     features: int
     kernel_size: int
     stride: int = 1
     padding: int = 0
+    patches_max_rows: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -69,8 +67,11 @@ class Conv2d(nn.Module):
         height, width = x.shape[1:3]
         out_h = (height + 2 * pad - size) // stride + 1
         out_w = (width + 2 * pad - size) // stride + 1
-        as_matmul = (size == 1 and stride == 1) or x.shape[0] * out_h * out_w <= PATCHES_MAX_ROWS
-        if jax.default_backend() != "cpu" or not as_matmul:
+        rows = x.shape[0] * out_h * out_w
+        as_matmul = self.patches_max_rows > 0 and (
+            (size == 1 and stride == 1) or rows <= self.patches_max_rows
+        )
+        if not as_matmul:
             out = jax.lax.conv_general_dilated(
                 x,
                 kernel,
@@ -89,11 +90,18 @@ class Conv2d(nn.Module):
 
 
 def conv(
-    features: int, kernel: int, name: str, stride: int = 1, padding: int | None = None
+    features: int,
+    kernel: int,
+    name: str,
+    stride: int = 1,
+    padding: int | None = None,
+    *,
+    patches_max_rows: int = 0,
 ) -> Conv2d:
-    """A torch-style Conv2d: symmetric padding, default ``kernel // 2``."""
+    """A torch-style Conv2d: symmetric padding, default ``kernel // 2``; ``patches_max_rows``
+    is its lowering (see :class:`Conv2d`)."""
     pad = kernel // 2 if padding is None else padding
-    return Conv2d(features, kernel, stride, pad, name=name)
+    return Conv2d(features, kernel, stride, pad, patches_max_rows, name=name)
 
 
 def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -111,17 +119,19 @@ class ResnetBlock2D(nn.Module):
     groups: int
     eps: float
     output_scale_factor: float = 1.0
+    conv_patches_max_rows: int = 0  # the lowering of its convolutions (Conv2d)
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        rows = self.conv_patches_max_rows
         h = nn.silu(GroupNorm(self.groups, self.eps, name="norm1")(x))
-        h = conv(self.out_channels, 3, "conv1")(h)
+        h = conv(self.out_channels, 3, "conv1", patches_max_rows=rows)(h)
         if temb is not None:
             h = h + nn.Dense(self.out_channels, name="time_emb_proj")(nn.silu(temb))[:, None, None]
         h = nn.silu(GroupNorm(self.groups, self.eps, name="norm2")(h))
-        h = conv(self.out_channels, 3, "conv2")(h)
+        h = conv(self.out_channels, 3, "conv2", patches_max_rows=rows)(h)
         if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, 1, "conv_shortcut")(x)
+            x = conv(self.out_channels, 1, "conv_shortcut", patches_max_rows=rows)(x)
         return (x + h) / self.output_scale_factor
 
 
@@ -130,18 +140,27 @@ class Downsample2D(nn.Module):
 
     out_channels: int
     padding: int = 1
+    conv_patches_max_rows: int = 0  # the lowering of its convolution (Conv2d)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.padding == 0:
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv(self.out_channels, 3, "conv", stride=2, padding=self.padding)(x)
+        return conv(
+            self.out_channels,
+            3,
+            "conv",
+            stride=2,
+            padding=self.padding,
+            patches_max_rows=self.conv_patches_max_rows,
+        )(x)
 
 
 class Upsample2D(nn.Module):
     """Nearest 2x (or to ``size``, for sides that were odd on the way down), then a 3x3 conv."""
 
     out_channels: int
+    conv_patches_max_rows: int = 0  # the lowering of its convolution (Conv2d)
 
     @nn.compact
     def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
@@ -149,7 +168,7 @@ class Upsample2D(nn.Module):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         else:
             x = nearest_resize(x, size)
-        return conv(self.out_channels, 3, "conv")(x)
+        return conv(self.out_channels, 3, "conv", patches_max_rows=self.conv_patches_max_rows)(x)
 
 
 class Attention(nn.Module):

@@ -7,7 +7,9 @@ for ``down_blocks.0.attentions.1.transformer_blocks.0.attn2``), so conversion is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,14 @@ _PINNED = {
 }
 # Only read by the addition embedding, which is pinned off.
 _HARMLESS = frozenset({"addition_embed_type_num_heads"})
+# The jax.checkpoint_policies (those without arguments) a UNet's blocks can be rematerialised
+# with, by name: what each block saves for the backward pass (the rest is recomputed).
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,16 +235,18 @@ class Transformer2DModel(nn.Module):
     groups: int
     linear_projection: bool
     upcast: bool
+    conv_patches_max_rows: int = 0  # the lowering of proj_in and proj_out (Conv2d)
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
         tokens = lambda t: t.reshape(batch, height * width, channels)
+        rows = self.conv_patches_max_rows
         h = GroupNorm(self.groups, 1e-6, name="norm")(x)
         if self.linear_projection:
             h = nn.Dense(channels, name="proj_in")(tokens(h))
         else:
-            h = tokens(conv(channels, 1, "proj_in")(h))
+            h = tokens(conv(channels, 1, "proj_in", patches_max_rows=rows)(h))
         for i in range(self.layers):
             block = BasicTransformerBlock(
                 channels, self.heads, self.upcast, name=f"transformer_blocks_{i}"
@@ -243,8 +255,30 @@ class Transformer2DModel(nn.Module):
         if self.linear_projection:
             h = nn.Dense(channels, name="proj_out")(h).reshape(x.shape)
         else:
-            h = conv(channels, 1, "proj_out")(h.reshape(x.shape))
+            h = conv(channels, 1, "proj_out", patches_max_rows=rows)(h.reshape(x.shape))
         return h + x
+
+
+def remat_policy(name: str) -> Callable | None:
+    """The jax.checkpoint policy named ``name`` (one of :data:`REMAT_POLICIES`), None for ""
+    (no rematerialisation). Raises ValueError naming the choices."""
+    if not name:
+        return None
+    if name not in REMAT_POLICIES:
+        raise ValueError(
+            f"remat={name!r} is not a remat policy; choose '' (none) or one of {REMAT_POLICIES}"
+        )
+    return getattr(jax.checkpoint_policies, name)
+
+
+@functools.cache
+def rematerialised(module_class: type[nn.Module], policy: str) -> type[nn.Module]:
+    """``module_class``, or with ``policy`` (a name, see :func:`remat_policy`) its ``nn.remat``:
+    the backward pass recomputes the block's activations that the policy does not save. The
+    block's name, so its param paths, stay as they are."""
+    if not policy:
+        return module_class
+    return nn.remat(module_class, policy=remat_policy(policy))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +302,8 @@ class UNetBlock(nn.Module):
     spec: BlockSpec
     config: UNetConfig
     up: bool
+    conv_patches_max_rows: int = 0  # see UNet2DConditionModel
+    remat_policy: str = ""
 
     @nn.compact
     def __call__(
@@ -278,34 +314,43 @@ class UNetBlock(nn.Module):
         skips: tuple[jax.Array, ...] = (),
         upsample_size: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, list[jax.Array]]:
-        spec, cfg = self.spec, self.config
+        spec, cfg, rows = self.spec, self.config, self.conv_patches_max_rows
+        resnet_class = rematerialised(ResnetBlock2D, self.remat_policy)
         produced = []
         for j in range(spec.resnets):
             if self.up:
                 h = jnp.concatenate([h, skips[-1 - j]], axis=-1)
-            h = ResnetBlock2D(
-                spec.channels, cfg.norm_num_groups, cfg.norm_eps, name=f"resnets_{j}"
+            h = resnet_class(
+                spec.channels,
+                cfg.norm_num_groups,
+                cfg.norm_eps,
+                conv_patches_max_rows=rows,
+                name=f"resnets_{j}",
             )(h, temb)
             if spec.heads is not None:
-                h = _transformer(spec, cfg, f"attentions_{j}")(h, context)
+                transformer = _transformer(spec, cfg, rows, self.remat_policy, f"attentions_{j}")
+                h = transformer(h, context)
             produced.append(h)
         if spec.resample and self.up:
             doubled = (h.shape[1] * 2, h.shape[2] * 2)
             size = None if upsample_size in (None, doubled) else upsample_size
-            h = Upsample2D(spec.channels, name="upsamplers_0")(h, size)
+            h = Upsample2D(spec.channels, rows, name="upsamplers_0")(h, size)
         elif spec.resample:
-            h = Downsample2D(spec.channels, cfg.downsample_padding, name="downsamplers_0")(h)
+            h = Downsample2D(spec.channels, cfg.downsample_padding, rows, name="downsamplers_0")(h)
             produced.append(h)
         return h, produced
 
 
-def _transformer(spec: BlockSpec, cfg: UNetConfig, name: str) -> Transformer2DModel:
-    return Transformer2DModel(
+def _transformer(
+    spec: BlockSpec, cfg: UNetConfig, conv_patches_max_rows: int, remat: str, name: str
+) -> Transformer2DModel:
+    return rematerialised(Transformer2DModel, remat)(
         spec.heads,
         spec.transformer_layers,
         cfg.norm_num_groups,
         cfg.use_linear_projection,
         cfg.upcast_attention,
+        conv_patches_max_rows,
         name=name,
     )
 
@@ -315,22 +360,39 @@ class MidBlock2DCrossAttn(nn.Module):
 
     spec: BlockSpec
     config: UNetConfig
+    conv_patches_max_rows: int = 0  # see UNet2DConditionModel
+    remat_policy: str = ""
 
     @nn.compact
     def __call__(self, h, temb, context):
-        spec, cfg = self.spec, self.config
-        resnet = lambda name: ResnetBlock2D(
-            spec.channels, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor, name=name
+        spec, cfg, rows = self.spec, self.config, self.conv_patches_max_rows
+        resnet = lambda name: rematerialised(ResnetBlock2D, self.remat_policy)(
+            spec.channels,
+            cfg.norm_num_groups,
+            cfg.norm_eps,
+            cfg.mid_block_scale_factor,
+            rows,
+            name=name,
         )
         h = resnet("resnets_0")(h, temb)
-        h = _transformer(spec, cfg, "attentions_0")(h, context)
+        h = _transformer(spec, cfg, rows, self.remat_policy, "attentions_0")(h, context)
         return resnet("resnets_1")(h, temb)
 
 
 class UNet2DConditionModel(nn.Module):
-    """The denoiser: ``(sample [B,H,W,C], timesteps [B], text [B,T,D]) -> eps [B,H,W,out]``."""
+    """The denoiser: ``(sample [B,H,W,C], timesteps [B], text [B,T,D]) -> eps [B,H,W,out]``.
+
+    Two fields change how it runs, never its params or (beyond float rounding) its numbers:
+    ``conv_patches_max_rows``, the lowering of every convolution (see layers.Conv2d; set
+    from the backend profile where the module is built, weights.model_folder), and
+    ``remat_policy``, a name from :data:`REMAT_POLICIES` that rematerialises each ResNet
+    block and each transformer (Transformer2DModel) under that policy ("" none; the
+    trainer sets it from TrainConfig.remat).
+    """
 
     config: UNetConfig
+    conv_patches_max_rows: int = 0
+    remat_policy: str = ""
 
     def block_specs(self) -> tuple[list[BlockSpec], BlockSpec, list[BlockSpec]]:
         """The down, mid and up blocks as diffusers builds them from the config."""
@@ -369,19 +431,22 @@ class UNet2DConditionModel(nn.Module):
         context = encoder_hidden_states
         down, mid, up = self.block_specs()
 
-        h = conv(first, 3, "conv_in")(sample)
+        rows, remat = self.conv_patches_max_rows, self.remat_policy
+        block = functools.partial(UNetBlock, conv_patches_max_rows=rows, remat_policy=remat)
+
+        h = conv(first, 3, "conv_in", patches_max_rows=rows)(sample)
         skips = [h]
         for i, spec in enumerate(down):
-            h, produced = UNetBlock(spec, cfg, up=False, name=f"down_blocks_{i}")(h, temb, context)
+            h, produced = block(spec, cfg, up=False, name=f"down_blocks_{i}")(h, temb, context)
             skips += produced
-        h = MidBlock2DCrossAttn(mid, cfg, name="mid_block")(h, temb, context)
+        h = MidBlock2DCrossAttn(mid, cfg, rows, remat, name="mid_block")(h, temb, context)
         for i, spec in enumerate(up):
             mine, skips = skips[-spec.resnets :], skips[: -spec.resnets]
             # Sides that were odd on the way down come back at the next skip's size, as diffusers.
             size = tuple(skips[-1].shape[1:3]) if skips else None
-            h, _ = UNetBlock(spec, cfg, up=True, name=f"up_blocks_{i}")(
+            h, _ = block(spec, cfg, up=True, name=f"up_blocks_{i}")(
                 h, temb, context, tuple(mine), size
             )
 
         h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(h))
-        return conv(cfg.out_channels, 3, "conv_out")(h)
+        return conv(cfg.out_channels, 3, "conv_out", patches_max_rows=rows)(h)

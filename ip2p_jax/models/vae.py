@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +101,12 @@ class MidBlock2D(nn.Module):
     channels: int
     groups: int
     add_attention: bool
+    conv_patches_max_rows: int = 0  # the lowering of its convolutions (layers.Conv2d)
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        h = ResnetBlock2D(self.channels, self.groups, _EPS, name="resnets_0")(h)
+        resnet = functools.partial(ResnetBlock2D, conv_patches_max_rows=self.conv_patches_max_rows)
+        h = resnet(self.channels, self.groups, _EPS, name="resnets_0")(h)
         if self.add_attention:
             h = Attention(
                 1,
@@ -113,7 +116,7 @@ class MidBlock2D(nn.Module):
                 eps=_EPS,
                 name="attentions_0",
             )(h)
-        return ResnetBlock2D(self.channels, self.groups, _EPS, name="resnets_1")(h)
+        return resnet(self.channels, self.groups, _EPS, name="resnets_1")(h)
 
 
 class ResampleBlock(nn.Module):
@@ -124,15 +127,21 @@ class ResampleBlock(nn.Module):
     groups: int
     resample: bool
     up: bool
+    conv_patches_max_rows: int = 0  # the lowering of its convolutions (layers.Conv2d)
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
+        rows = self.conv_patches_max_rows
         for j in range(self.resnets):
-            h = ResnetBlock2D(self.channels, self.groups, _EPS, name=f"resnets_{j}")(h)
+            h = ResnetBlock2D(
+                self.channels, self.groups, _EPS, conv_patches_max_rows=rows, name=f"resnets_{j}"
+            )(h)
         if self.resample and self.up:
-            h = Upsample2D(self.channels, name="upsamplers_0")(h)
+            h = Upsample2D(self.channels, rows, name="upsamplers_0")(h)
         elif self.resample:
-            h = Downsample2D(self.channels, padding=0, name="downsamplers_0")(h)
+            h = Downsample2D(
+                self.channels, padding=0, conv_patches_max_rows=rows, name="downsamplers_0"
+            )(h)
         return h
 
 
@@ -140,42 +149,57 @@ class Encoder(nn.Module):
     """Image [B,H,W,3] in [-1, 1] -> moments [B,H/f,W/f,2*latent] (mean, logvar)."""
 
     config: VAEConfig
+    conv_patches_max_rows: int = 0  # see AutoencoderKL
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
+        cfg, rows = self.config, self.conv_patches_max_rows
         channels, groups = cfg.block_out_channels, cfg.norm_num_groups
-        h = conv2d(channels[0], 3, "conv_in")(x)
+        h = conv2d(channels[0], 3, "conv_in", patches_max_rows=rows)(x)
         for i, ch in enumerate(channels):
             last = i == len(channels) - 1
             block = ResampleBlock(
-                ch, cfg.layers_per_block, groups, not last, up=False, name=f"down_blocks_{i}"
+                ch,
+                cfg.layers_per_block,
+                groups,
+                not last,
+                up=False,
+                conv_patches_max_rows=rows,
+                name=f"down_blocks_{i}",
             )
             h = block(h)
-        h = MidBlock2D(channels[-1], groups, cfg.mid_block_add_attention, name="mid_block")(h)
-        h = nn.silu(GroupNorm(groups, _EPS, name="conv_norm_out")(h))
-        return conv2d(2 * cfg.latent_channels, 3, "conv_out")(h)
+        mid = MidBlock2D(channels[-1], groups, cfg.mid_block_add_attention, rows, name="mid_block")
+        h = nn.silu(GroupNorm(groups, _EPS, name="conv_norm_out")(mid(h)))
+        return conv2d(2 * cfg.latent_channels, 3, "conv_out", patches_max_rows=rows)(h)
 
 
 class Decoder(nn.Module):
     """Latent [B,h,w,latent] -> image [B,H,W,3] in about [-1, 1]."""
 
     config: VAEConfig
+    conv_patches_max_rows: int = 0  # see AutoencoderKL
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
-        cfg = self.config
+        cfg, rows = self.config, self.conv_patches_max_rows
         channels, groups = cfg.block_out_channels[::-1], cfg.norm_num_groups
-        h = conv2d(channels[0], 3, "conv_in")(z)
-        h = MidBlock2D(channels[0], groups, cfg.mid_block_add_attention, name="mid_block")(h)
+        h = conv2d(channels[0], 3, "conv_in", patches_max_rows=rows)(z)
+        mid = MidBlock2D(channels[0], groups, cfg.mid_block_add_attention, rows, name="mid_block")
+        h = mid(h)
         for i, ch in enumerate(channels):
             last = i == len(channels) - 1
             block = ResampleBlock(
-                ch, cfg.layers_per_block + 1, groups, not last, up=True, name=f"up_blocks_{i}"
+                ch,
+                cfg.layers_per_block + 1,
+                groups,
+                not last,
+                up=True,
+                conv_patches_max_rows=rows,
+                name=f"up_blocks_{i}",
             )
             h = block(h)
         h = nn.silu(GroupNorm(groups, _EPS, name="conv_norm_out")(h))
-        return conv2d(cfg.out_channels, 3, "conv_out")(h)
+        return conv2d(cfg.out_channels, 3, "conv_out", patches_max_rows=rows)(h)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,17 +234,22 @@ class AutoencoderKL(nn.Module):
     """diffusers AutoencoderKL. ``encode`` gives the posterior, ``decode`` the image.
 
     Latents are unscaled here: multiply by ``config.scaling_factor`` for the diffusion space.
+    ``conv_patches_max_rows`` is the lowering of every convolution (see layers.Conv2d), set
+    from the backend profile where the module is built (weights.model_folder); it changes
+    neither the params nor, beyond float rounding, the numbers.
     """
 
     config: VAEConfig
+    conv_patches_max_rows: int = 0
 
     def setup(self) -> None:
-        cfg = self.config
+        cfg, rows = self.config, self.conv_patches_max_rows
         latent = cfg.latent_channels
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.quant_conv = Conv2d(2 * latent, 1) if cfg.use_quant_conv else None
-        self.post_quant_conv = Conv2d(latent, 1) if cfg.use_post_quant_conv else None
+        self.encoder = Encoder(cfg, rows)
+        self.decoder = Decoder(cfg, rows)
+        quant = lambda features: Conv2d(features, 1, patches_max_rows=rows)
+        self.quant_conv = quant(2 * latent) if cfg.use_quant_conv else None
+        self.post_quant_conv = quant(latent) if cfg.use_post_quant_conv else None
 
     def encode(self, images: jax.Array) -> DiagonalGaussian:
         """Images [B,H,W,C] in [-1, 1] -> the latent posterior."""

@@ -30,6 +30,7 @@ from ip2p_jax.pipelines.images import load_image, target_size, to_model_array, t
 from ip2p_jax.runtime import memory
 from ip2p_jax.runtime.compilation import enable_compilation_cache, jit
 from ip2p_jax.runtime.mesh import data_mesh
+from ip2p_jax.runtime.profile import current_profile
 from ip2p_jax.weights.model_folder import LoadedComponent, load_component, resolve_model
 
 
@@ -169,7 +170,8 @@ class LatentPipeline:
         """Loads a diffusers folder, a hub id (when online) or an ip2p-jax checkpoint."""
         folder = cls.model_folder(model)
         enable_compilation_cache()
-        memory.release_large_blocks()  # until the first edit has compiled (see memory.py)
+        if current_profile().tune_malloc:  # until the first edit has compiled (see memory.py)
+            memory.release_large_blocks()
         mesh = mesh or data_mesh()
         components = [
             load_component(folder, name, dtype=dtype) for name in ("unet", "vae", "text_encoder")
@@ -239,7 +241,8 @@ class LatentPipeline:
         """Sampled latents -> the first `batch` images [B, H, W, 3] in about [-1, 1]."""
         scaled = latents / self.vae.config.scaling_factor
         images = np.asarray(_decode(self.vae.module, self.vae.params, scaled))[:batch]
-        memory.keep_blocks_for_reuse()
+        if current_profile().tune_malloc:
+            memory.keep_blocks_for_reuse()
         return images
 
     def _edit_by_shape(

@@ -1,6 +1,7 @@
-"""How ip2p-jax compiles: XLA:CPU's choice of convolution and matmul library, and JAX's
-persistent compilation cache (on by default for editing and training: a second run of the
-same shapes loads its executables instead of compiling them again)."""
+"""How ip2p-jax compiles: with the XLA options of the backend profile (runtime.profile; on
+the CPU, XLA's own convolutions instead of YNNPACK's), and with JAX's persistent compilation
+cache (on by default for editing and training: a second run of the same shapes loads its
+executables instead of compiling them again)."""
 
 from __future__ import annotations
 
@@ -12,32 +13,23 @@ from typing import Any
 
 import jax
 
+from ip2p_jax.runtime.profile import BackendProfile, current_profile
+
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ip2p_jax" / "xla"
-
-# XLA:CPU hands dots and convolutions to YNNPACK by default. YNNPACK seems to split a
-# convolution over the cores by blocks of 64 output channels, and SD's 320 channels (5 blocks)
-# leave two cores unevenly loaded: 160-165 GFLOP/s at the 32x32 level, where XLA's own (Eigen)
-# convolution reaches 195-215 and torch's oneDNN 220-230. An empty fusion-type list turns
-# YNNPACK off for the programs compiled with these options only (scripts/bench_conv.py).
-CPU_COMPILER_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def compiler_options() -> dict[str, str] | None:
-    """XLA options for the default backend: :data:`CPU_COMPILER_OPTIONS` on the CPU, else None."""
-    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
 
 
 class _Jitted:
-    """``jax.jit(fn, compiler_options=compiler_options(), ...)``, built on first use: asking for
-    the backend at import time would start it before the user could configure JAX."""
+    """``jax.jit(fn, compiler_options=<the profile's XLA options>, ...)``, built on first use:
+    asking for the backend at import time would start it before the user could configure JAX."""
 
-    def __init__(self, fn: Callable, jit_kwargs: dict[str, Any]):
-        self.fn, self.jit_kwargs = fn, jit_kwargs
+    def __init__(self, fn: Callable, profile: BackendProfile | None, jit_kwargs: dict[str, Any]):
+        self.fn, self.profile, self.jit_kwargs = fn, profile, jit_kwargs
         functools.update_wrapper(self, fn)
 
     @functools.cached_property
     def jitted(self) -> Any:
-        return jax.jit(self.fn, compiler_options=compiler_options(), **self.jit_kwargs)
+        options = (self.profile or current_profile()).xla_options()
+        return jax.jit(self.fn, compiler_options=options, **self.jit_kwargs)
 
     @functools.cached_property
     def nested(self) -> Any:
@@ -53,14 +45,17 @@ class _Jitted:
         return self.jitted.lower(*args, **kwargs)
 
 
-def jit(fn: Callable | None = None, **jit_kwargs: Any) -> Any:
-    """``jax.jit`` with :func:`compiler_options`: how every model program of ip2p-jax compiles.
-    Use it for your own programs around our models too (on the CPU the convolution layers are
-    laid out for XLA's own convolution, see ``models.layers.PATCHES_MAX_ROWS``). Works as a
-    decorator, with or without keyword arguments."""
+def jit(
+    fn: Callable | None = None, *, profile: BackendProfile | None = None, **jit_kwargs: Any
+) -> Any:
+    """``jax.jit`` with the XLA options of ``profile`` (default: the running backend's, see
+    runtime.profile): how every model program of ip2p-jax compiles. Use it for your own
+    programs around our models too (on the CPU the convolution layers are laid out for XLA's
+    own convolution, see ``BackendProfile.conv_patches_max_rows``). Works as a decorator,
+    with or without keyword arguments."""
     if fn is None:
-        return functools.partial(jit, **jit_kwargs)
-    return _Jitted(fn, jit_kwargs)
+        return functools.partial(jit, profile=profile, **jit_kwargs)
+    return _Jitted(fn, profile, jit_kwargs)
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:

@@ -6,7 +6,8 @@ back, so the peak RSS is 6 GB for 4.5 GB of live data. While loading and compili
 of 1 MB and up are therefore memory-mapped (freed at once). For sampling, where the same
 activations are allocated every step, large thresholds keep them in the heap, which is
 15-20 % faster than mapping them anew. Linux/glibc only; ``IP2P_JAX_MALLOC=default`` (or any
-other platform) leaves malloc alone.
+other platform) leaves malloc alone. The pipelines tune it where the backend profile says
+(``BackendProfile.tune_malloc``: on the CPU, where the model's memory is the host's).
 
 Weights go from the host onto the devices with :func:`move_to_devices`, which frees each host
 array once its copy is done, so the two copies never coexist.

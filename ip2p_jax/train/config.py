@@ -85,6 +85,19 @@ class DropoutConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """Overrides of the backend profile (ip2p_jax.runtime.profile, where each choice is
+    explained); None keeps the running backend's choice. E.g.
+    `--config.runtime.optimizer_update=fused` on a CPU."""
+
+    compiler_options: dict | None = None  # XLA options, name -> value; {} for none
+    conv_patches_max_rows: int | None = None  # 0: every convolution native
+    tune_malloc: bool | None = None
+    optimizer_update: str | None = None  # "leafwise" or "fused"
+    unroll_grad_accum: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run."""
 
@@ -98,7 +111,11 @@ class TrainConfig:
     prediction_type: str = "epsilon"  # or "v_prediction"
     ema_decay: float = 0.9999  # 0 disables; warmed up as min(decay, (1+n)/(10+n))
     compute_dtype: str = "float32"  # "bfloat16": bf16 compute, fp32 master weights
-    remat: bool = False
+    # Rematerialise each UNet ResNet block and transformer in the backward pass, saving what
+    # this jax.checkpoint policy saves (models.unet.REMAT_POLICIES: "nothing_saveable",
+    # "dots_saveable", ...); "" none. A run written when this was a bool reads True as
+    # "nothing_saveable" and False as "".
+    remat: str = ""
     fsdp: int = 1  # devices per FSDP group; the rest of the mesh is data parallel
     seed: int = 0
     log_every: int = 10
@@ -107,6 +124,11 @@ class TrainConfig:
     validate_every: int = 0  # 0: no validation edits
     validation_steps: int = 20  # sampling steps of the validation edits
     validation_images: int = 4
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.remat, bool):  # config.json of a run from before the named policies
+            object.__setattr__(self, "remat", "nothing_saveable" if self.remat else "")
 
 
 class ConfigOverrideError(ValueError):

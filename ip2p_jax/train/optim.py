@@ -1,6 +1,14 @@
-"""The optimizer (AdamW, warmup, clipping, gradient accumulation) and the EMA of the weights."""
+"""The optimizer (AdamW, warmup, clipping, gradient accumulation) and the EMA of the weights.
+
+The update comes in two styles with the same numbers, picked by the backend profile
+(runtime.profile): :func:`update_leafwise` for the CPU's memory, :func:`update_fused` (the
+plain optax chain, which XLA fuses) elsewhere. Both take and return the optimizer's own state,
+so a checkpoint resumes under either.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +46,7 @@ def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Sched
 
 def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """AdamW on the learning-rate schedule. Global-norm clipping (config.grad_clip) is done
-    by `update_leafwise`, which needs the norm before it updates any leaf. (Gradient
+    by the update (`update_leafwise` needs the norm before it updates any leaf). (Gradient
     accumulation happens inside the train step, so one call is one optimizer step.)"""
     return optax.adamw(
         learning_rate_schedule(config, total_steps),
@@ -63,6 +71,11 @@ def clip_leaf(g: jax.Array, clip: tuple[jax.Array, jax.Array] | None, max_norm: 
         return g
     trigger, norm = clip
     return jax.lax.select(trigger, g, (g / norm.astype(g.dtype)) * max_norm)
+
+
+def ema_step(ema: jax.Array, param: jax.Array, decay: jax.Array) -> jax.Array:
+    """One leaf of the EMA update: ema + (1 - decay) * (param - ema), in the EMA's dtype."""
+    return ema + (1.0 - decay) * (param.astype(ema.dtype) - ema)
 
 
 def update_leafwise(
@@ -109,7 +122,7 @@ def update_leafwise(
         update, state_k = optimizer.update(clip_leaf(g, leaf_clip, max_norm), state_k, p)
         p = optax.apply_updates(p, update)
         if e is not None:
-            e = e + (1.0 - ema_decay_value) * (p.astype(e.dtype) - e)
+            e = ema_step(e, p, ema_decay_value)
         new_params.append(p)
         new_ema.append(e)
         new_nodes.append(jax.tree.leaves(state_k))
@@ -123,6 +136,40 @@ def update_leafwise(
     ]
     new_ema_tree = treedef.unflatten(new_ema) if ema is not None else None
     return treedef.unflatten(new_params), outer.unflatten(merged), new_ema_tree
+
+
+def update_fused(
+    optimizer: optax.GradientTransformation,
+    grads,
+    opt_state,
+    params,
+    *,
+    max_norm: float | None,
+    ema=None,
+    ema_decay_value: jax.Array | None = None,
+):
+    """``optax.chain(clip_by_global_norm(max_norm), optimizer)`` over the whole tree, then
+    the EMA: the update as optax writes it, which XLA fuses freely (GPU, TPU). The same
+    numbers as :func:`update_leafwise`. Returns (params, opt_state, ema)."""
+    if max_norm:
+        chain = optax.chain(optax.clip_by_global_norm(max_norm), optimizer)
+        # clipping keeps no state: the chain's state is the optimizer's behind an empty one
+        updates, (_, opt_state) = chain.update(grads, (optax.EmptyState(), opt_state), params)
+    else:
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if ema is not None:
+        ema = jax.tree.map(lambda e, p: ema_step(e, p, ema_decay_value), ema, params)
+    return params, opt_state, ema
+
+
+def optimizer_update(style: str) -> Callable:
+    """The update function of a style: "leafwise" (:func:`update_leafwise`) or "fused"
+    (:func:`update_fused`); see ``BackendProfile.optimizer_update``."""
+    updates = {"leafwise": update_leafwise, "fused": update_fused}
+    if style not in updates:
+        raise ValueError(f"optimizer update style {style!r}: choose one of {sorted(updates)}")
+    return updates[style]
 
 
 def ema_decay(step: jax.Array, decay: float) -> jax.Array:

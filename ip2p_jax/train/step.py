@@ -21,11 +21,13 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from ip2p_jax.models.unet import remat_policy
 from ip2p_jax.models.vae import DiagonalGaussian
 from ip2p_jax.runtime import memory
 from ip2p_jax.runtime.compilation import jit
+from ip2p_jax.runtime.profile import BackendProfile, current_profile
 from ip2p_jax.train import sharding
-from ip2p_jax.train.config import TrainConfig
+from ip2p_jax.train.config import RuntimeConfig, TrainConfig
 from ip2p_jax.train.latent_cache import check_cacheable, encode_images
 from ip2p_jax.train.loss import diffusion_loss
 from ip2p_jax.train.models import (
@@ -38,7 +40,7 @@ from ip2p_jax.train.optim import (
     ema_decay,
     learning_rate_schedule,
     make_optimizer,
-    update_leafwise,
+    optimizer_update,
 )
 from ip2p_jax.weights.model_folder import LoadedComponent
 
@@ -65,6 +67,7 @@ class Trainer:
     mesh: Mesh
     optimizer: optax.GradientTransformation
     frozen: dict  # vae (and frozen text) params, null text or its ids, alphas_cumprod
+    profile: BackendProfile  # the backend's choices, with the config's runtime overrides
     state_shardings: Any = None
     step_fn: Callable | None = None
 
@@ -94,7 +97,7 @@ class Trainer:
             {name: component.params for name, component in self._trained().items()},
             self._param_shardings(),
         )
-        make = jit(self._fresh_state)
+        make = jit(self._fresh_state, profile=self.profile)
         shapes = jax.eval_shape(make, params)
         layout = make.lower(params).compile().output_shardings
         self.state_shardings = layout
@@ -117,7 +120,9 @@ class Trainer:
             name: hand_over_weights(component, shardings[name])
             for name, component in self._trained().items()
         }
-        return jit(self._fresh_state, out_shardings=self.state_shardings)(params)
+        return jit(self._fresh_state, profile=self.profile, out_shardings=self.state_shardings)(
+            params
+        )
 
     def release_loaded_weights(self) -> None:
         """After restoring a state: the loaded trained weights are dead weight (their shapes
@@ -125,22 +130,34 @@ class Trainer:
         for component in self._trained().values():
             keep_shapes_only(component)
 
-    def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-        """One optimizer step; returns the new state and scalar metrics."""
+    def step_program(self) -> Callable:
+        """The jitted step, ``(state, frozen, batch) -> (state, metrics)``, built on first use
+        (``.lower(...)`` it with shapes to inspect the compiled program)."""
         if self.step_fn is None:
             if self.state_shardings is None:
                 self.abstract_state()
             self.step_fn = jit(
                 functools.partial(_train_step, self),
+                profile=self.profile,
                 in_shardings=(self.state_shardings, None, sharding.batch_sharding(self.mesh)),
                 out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                 donate_argnums=0,
             )
-        return self.step_fn(state, self.frozen, batch)
+        return self.step_fn
+
+    def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+        """One optimizer step; returns the new state and scalar metrics."""
+        return self.step_program()(state, self.frozen, batch)
+
+
+def training_profile(runtime: RuntimeConfig) -> BackendProfile:
+    """The running backend's profile with a config's `runtime` overrides (runtime.profile)."""
+    return current_profile(**dataclasses.asdict(runtime))
 
 
 def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
-    """Checks the batch against the mesh, encodes the null prompt, places the frozen params."""
+    """Checks the config (batch against the mesh, remat policy, runtime overrides), runs the
+    models as the backend profile says, encodes the null prompt, places the frozen params."""
     devices = mesh.devices.size
     per_step = config.batch_size // config.grad_accum
     if config.batch_size % config.grad_accum or per_step % devices:
@@ -150,10 +167,14 @@ def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
         )
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
+    remat_policy(config.remat)  # an unknown name fails here, naming the choices
+    profile = training_profile(config.runtime)
     if models.vae is None:
         raise ValueError("no VAE: set model.vae, model.vae_from or model.init_from")
     if config.data.cache_latents:
         check_cacheable(config.data)
+    for component in (models.unet, models.vae, models.text_encoder):
+        component.use_profile(profile)  # the config's conv lowering, if it overrides it
     # The model predicts what the config trains it to, whatever the loaded scheduler said:
     # validation edits and the exported scheduler config must sample it that way.
     schedule = dataclasses.replace(models.schedule, prediction_type=config.prediction_type)
@@ -174,7 +195,7 @@ def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
         frozen["text"] = text.params
         frozen["null_text"] = jax.device_put(null_text, replicated)
     optimizer = make_optimizer(config.optim, config.steps)
-    return Trainer(config, models, mesh, optimizer, frozen)
+    return Trainer(config, models, mesh, optimizer, frozen, profile)
 
 
 def _text_states(trainer: Trainer, params: dict, frozen: dict, input_ids: jax.Array):
@@ -220,14 +241,13 @@ def _micro_loss(trainer: Trainer, params, frozen: dict, micro: dict, key: jax.Ar
     noise = jax.random.normal(keys[1], latents.shape, latents.dtype)
     timesteps = jax.random.randint(keys[2], (batch,), 0, frozen["alphas_cumprod"].shape[0])
     draw = jax.random.uniform(keys[3], (batch,))
-    unet = trainer.models.unet.module
+    # Remat per block for training only: validation edits sample with the plain module.
+    unet = trainer.models.unet.module.clone(remat_policy=config.remat)
     cast = jax.tree.map(lambda p: p.astype(dtype), params["unet"])
 
     def denoise(x, t, context):
         return unet.apply({"params": cast}, x.astype(dtype), t, context.astype(dtype))
 
-    if config.remat:
-        denoise = jax.checkpoint(denoise)
     return diffusion_loss(
         denoise,
         latents=latents,
@@ -261,26 +281,33 @@ def _train_step(trainer: Trainer, state: TrainState, frozen: dict, batch: dict):
             state.params, jax.tree.map(lambda x: x[0], micro_batches), micro_keys[0]
         )
     else:
-        # Unrolled on the CPU: XLA:CPU compiles convolutions inside a while loop (a rolled
-        # scan) without its fast kernels; a conv's backward there ran 70x slower (measured at
-        # batch 32, 16x16, 64 channels). Elsewhere the loop keeps compiles small.
+        # Unrolled where the profile says (the CPU, whose convolutions inside a while loop
+        # run without their fast kernels; see runtime.profile).
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        unroll = accum if jax.default_backend() == "cpu" else 1
+        unroll = accum if trainer.profile.unroll_grad_accum else 1
         (loss, grads), _ = jax.lax.scan(
             accumulate, (0.0, zeros), (micro_batches, micro_keys), unroll=unroll
         )
         loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
-    new_state, metrics = apply_gradients(trainer.optimizer, config, state, grads, rng)
+    new_state, metrics = apply_gradients(
+        trainer.optimizer, config, state, grads, rng, trainer.profile
+    )
     return new_state, {"loss": loss, **metrics}
 
 
 def apply_gradients(
-    optimizer: optax.GradientTransformation, config, state: TrainState, grads, rng: jax.Array
+    optimizer: optax.GradientTransformation,
+    config,
+    state: TrainState,
+    grads,
+    rng: jax.Array,
+    profile: BackendProfile,
 ) -> tuple[TrainState, dict]:
-    """The optimizer update and the EMA, shared by every trainer; `config` needs `optim`,
-    `steps` and `ema_decay`. Returns the next state and grad_norm / learning_rate."""
+    """The optimizer update and the EMA, shared by every trainer, in the profile's update
+    style (leafwise or fused: the same numbers); `config` needs `optim`, `steps` and
+    `ema_decay`. Returns the next state and grad_norm / learning_rate."""
     ema = state.ema_params
-    params, opt_state, ema = update_leafwise(
+    params, opt_state, ema = optimizer_update(profile.optimizer_update)(
         optimizer,
         grads,
         state.opt_state,

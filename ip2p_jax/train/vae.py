@@ -41,13 +41,22 @@ from ip2p_jax.data.edit_pairs import EditPairSource
 from ip2p_jax.models.vae import DiagonalGaussian
 from ip2p_jax.pipelines.images import decode_png, to_model_array, to_pil
 from ip2p_jax.runtime.compilation import jit
+from ip2p_jax.runtime.distributed import host_copy, is_primary
+from ip2p_jax.runtime.profile import BackendProfile
 from ip2p_jax.train import sharding
-from ip2p_jax.train.config import DataConfig, OptimConfig
-from ip2p_jax.train.loop import Task, run, save_grid, trained_component, trained_params
+from ip2p_jax.train.config import DataConfig, OptimConfig, RuntimeConfig
+from ip2p_jax.train.loop import (
+    Task,
+    run,
+    save_grid,
+    trained_component,
+    trained_params,
+    written_by_primary,
+)
 from ip2p_jax.train.models import hand_over_weights, keep_shapes_only
 from ip2p_jax.train.optim import make_optimizer
 from ip2p_jax.train.reporting import Reporter
-from ip2p_jax.train.step import TrainState, apply_gradients
+from ip2p_jax.train.step import TrainState, apply_gradients, training_profile
 from ip2p_jax.weights.model_folder import (
     LoadedComponent,
     init_component,
@@ -79,6 +88,7 @@ class VAETrainConfig:
     # LDM's scale_by_std): the diffusion model then sees unit-variance latents. False keeps
     # the `vae` dict's value.
     fit_scaling_factor: bool = True
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)  # as TrainConfig's
 
 
 def kl_divergence(posterior: DiagonalGaussian) -> jax.Array:
@@ -117,6 +127,7 @@ class VAETrainer:
     vae: LoadedComponent
     mesh: Mesh
     optimizer: optax.GradientTransformation
+    profile: BackendProfile  # the backend's choices, with the config's runtime overrides
     state_shardings: Any = None
     new_state_fn: Callable | None = None  # compiled once: its output layout is the state's
     step_fn: Callable | None = None
@@ -139,7 +150,7 @@ class VAETrainer:
                 self.vae.params,
                 self._placed_params(),
             )
-            self.new_state_fn = jit(self._new_state).lower(inputs).compile()
+            self.new_state_fn = jit(self._new_state, profile=self.profile).lower(inputs).compile()
             self.state_shardings = self.new_state_fn.output_shardings
         return jax.tree.map(
             lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
@@ -163,6 +174,7 @@ class VAETrainer:
             self.abstract_state()
             self.step_fn = jit(
                 functools.partial(_vae_step, self),
+                profile=self.profile,
                 in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh)),
                 out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                 donate_argnums=0,
@@ -173,7 +185,9 @@ class VAETrainer:
         """Images [B, H, W, C] in [-1, 1] -> (unscaled latent samples, reconstructions through
         the posterior mode), a training step's worth of images at a time."""
         if self.autoencode_fn is None:
-            self.autoencode_fn = jit(functools.partial(_autoencode, self.vae.module))
+            self.autoencode_fn = jit(
+                functools.partial(_autoencode, self.vae.module), profile=self.profile
+            )
         key = jax.random.key(self.config.seed)
         chunk = 2 * self.config.batch_size
         parts = [
@@ -196,17 +210,20 @@ def _vae_step(trainer: VAETrainer, state: TrainState, batch: dict):
         functools.partial(vae_loss, trainer.vae.module, kl_weight=config.kl_weight), has_aux=True
     )
     (loss, parts), grads = grad_fn(state.params, pair_images(batch), key)
-    new_state, metrics = apply_gradients(trainer.optimizer, config, state, grads, rng)
+    new_state, metrics = apply_gradients(
+        trainer.optimizer, config, state, grads, rng, trainer.profile
+    )
     return new_state, {"loss": loss, **parts, **metrics}
 
 
-def load_vae(config: VAETrainConfig) -> LoadedComponent:
-    """The starting VAE: `init_from`'s vae/, or random weights from the `vae` dict."""
+def load_vae(config: VAETrainConfig, profile: BackendProfile | None = None) -> LoadedComponent:
+    """The starting VAE: `init_from`'s vae/, or random weights from the `vae` dict; it runs as
+    `profile` says (default: the running backend's)."""
     if config.init_from:
-        return load_component(resolve_model(config.init_from), "vae")
+        return load_component(resolve_model(config.init_from), "vae", profile=profile)
     if not config.vae:
         raise ValueError("no VAE to train: set vae (a config dict) or init_from (a folder)")
-    return init_component("vae", config.vae, config.seed)
+    return init_component("vae", config.vae, config.seed, profile)
 
 
 def make_vae_trainer(config: VAETrainConfig, mesh: Mesh) -> VAETrainer:
@@ -218,8 +235,9 @@ def make_vae_trainer(config: VAETrainConfig, mesh: Mesh) -> VAETrainer:
             "data.cache_latents=True: a VAE run trains the encoder, so it reads pixels; "
             "set --config.data.cache_latents=False"
         )
+    profile = training_profile(config.runtime)
     optimizer = make_optimizer(config.optim, config.steps)
-    return VAETrainer(config, load_vae(config), mesh, optimizer)
+    return VAETrainer(config, load_vae(config, profile), mesh, optimizer, profile)
 
 
 def split_images(data: DataConfig, split: str, pairs: int) -> np.ndarray:
@@ -238,14 +256,17 @@ def split_images(data: DataConfig, split: str, pairs: int) -> np.ndarray:
 
 def reconstruction_grid(
     trainer: VAETrainer, state: TrainState, workdir: Path, step: int, reporter: Reporter
-) -> Path:
+) -> Path | None:
     """The first validation pairs through the autoencoder (posterior mode), one row each:
     input, its reconstruction, edited, its reconstruction. Saved as
     workdir/validation/step_N.png and to TensorBoard, with the mean absolute error as the
     scalar validation/reconstruction."""
     config = trainer.config
+    params = host_copy(trained_params(state))  # every process gathers; process 0 draws
+    if not is_primary():
+        return None
     images = split_images(config.data, config.data.validation_split, config.validation_images)
-    _, decoded = trainer.autoencode(trained_params(state), images)
+    _, decoded = trainer.autoencode(params, images)
     reporter.scalars(step, {"validation/reconstruction": float(np.mean(np.abs(decoded - images)))})
     tiles = [
         np.concatenate([np.asarray(to_pil(x)), np.asarray(to_pil(y))], axis=1)
@@ -272,15 +293,20 @@ def export_vae(trainer: VAETrainer, state: TrainState, destination: Path) -> Pat
     from ip2p_jax.models.tokenizer import CLIPTokenizer
     from ip2p_jax.weights.model_folder import write_checkpoint
 
-    vae = trained_component(trainer.vae, trained_params(state))
-    if trainer.config.fit_scaling_factor:
-        scale = latent_scale(trainer, vae.params)
-        vae = dataclasses.replace(
-            vae,
-            config=dataclasses.replace(vae.config, scaling_factor=scale),
-            raw_config={**vae.raw_config, "scaling_factor": scale},
-        )
-    return write_checkpoint(destination, {"vae": vae}, CLIPTokenizer.bundled(), NoiseSchedule())
+    gathered = trained_component(trainer.vae, trained_params(state))  # by every process
+
+    def write() -> Path:
+        vae = gathered
+        if trainer.config.fit_scaling_factor:
+            scale = latent_scale(trainer, vae.params)
+            vae = dataclasses.replace(
+                vae,
+                config=dataclasses.replace(vae.config, scaling_factor=scale),
+                raw_config={**vae.raw_config, "scaling_factor": scale},
+            )
+        return write_checkpoint(destination, {"vae": vae}, CLIPTokenizer.bundled(), NoiseSchedule())
+
+    return written_by_primary(destination, write)
 
 
 def vae_task(config: VAETrainConfig) -> Task:

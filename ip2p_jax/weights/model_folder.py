@@ -29,6 +29,7 @@ from ip2p_jax.models.config import load_json
 from ip2p_jax.models.tokenizer import BUNDLED_DIR, CLIPTokenizer
 from ip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ip2p_jax.models.vae import AutoencoderKL, VAEConfig
+from ip2p_jax.runtime.profile import BackendProfile, current_profile
 from ip2p_jax.weights.atomic import atomic_folder
 from ip2p_jax.weights.convert import (
     ConversionError,
@@ -118,6 +119,25 @@ def param_dtype(dtype: str | np.dtype) -> np.dtype:
     return PARAM_DTYPES[name]
 
 
+def _lowering(module_class: type[nn.Module], profile: BackendProfile) -> dict[str, Any]:
+    """The fields of ``module_class`` that the backend profile sets (the conv lowering of the
+    modules that have convolutions)."""
+    names = {field.name for field in dataclasses.fields(module_class)}
+    if "conv_patches_max_rows" not in names:
+        return {}
+    return {"conv_patches_max_rows": profile.conv_patches_max_rows}
+
+
+def build_module(
+    component: Component, config: Any, profile: BackendProfile | None = None
+) -> nn.Module:
+    """``component``'s module for ``config``, its convolutions lowered as ``profile``
+    (default: the running backend's, runtime.profile) says. The lowering changes neither the
+    params nor the numbers (beyond float rounding), only the speed."""
+    profile = profile or current_profile()
+    return component.module_class(config, **_lowering(component.module_class, profile))
+
+
 @dataclasses.dataclass
 class LoadedComponent:
     """A component's config (ours and the raw JSON, kept for export), module and params."""
@@ -127,10 +147,16 @@ class LoadedComponent:
     module: nn.Module
     params: dict
 
+    def use_profile(self, profile: BackendProfile) -> None:
+        """Lowers the module's convolutions as ``profile`` says (in place; the params stay)."""
+        fields = _lowering(type(self.module), profile)
+        if fields:
+            self.module = self.module.clone(**fields)
+
 
 def abstract_params(component: Component, config: Any) -> dict:
     """The param tree's shapes and dtypes, traced without allocating any weights."""
-    module = component.module_class(config)
+    module = component.module_class(config)  # shapes only: the lowering does not matter
     inputs = component.example_inputs(config)
     return jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
 
@@ -169,12 +195,14 @@ def load_component(
     *,
     in_channels: int | None = None,
     dtype: str | np.dtype | None = "float32",
+    profile: BackendProfile | None = None,
 ) -> LoadedComponent:
     """Loads one component from a diffusers folder or our checkpoint.
 
     ``dtype`` casts the params (``"float32"``, ``"bfloat16"``, ``"float16"``; None keeps
     the stored dtype). ``in_channels`` widens a UNet's conv_in (4 -> 8 for InstructPix2Pix):
-    new channels zero, pretrained weights and bias kept.
+    new channels zero, pretrained weights and bias kept. The module runs as ``profile``
+    says (default: the running backend's, see :func:`build_module`).
     """
     if name not in COMPONENTS:
         raise ValueError(f"unknown component {name!r}; choose from {sorted(COMPONENTS)}")
@@ -209,14 +237,17 @@ def load_component(
         params = widen_conv_in(params, in_channels)
         config = dataclasses.replace(config, in_channels=in_channels)
         raw = {**raw, "in_channels": in_channels}
-    return LoadedComponent(config, raw, component.module_class(config), params)
+    return LoadedComponent(config, raw, build_module(component, config, profile), params)
 
 
-def init_component(name: str, raw_config: dict, seed: int) -> LoadedComponent:
-    """A component with random weights (flax's default initialisers) from a config dict."""
+def init_component(
+    name: str, raw_config: dict, seed: int, profile: BackendProfile | None = None
+) -> LoadedComponent:
+    """A component with random weights (flax's default initialisers) from a config dict; its
+    module runs as ``profile`` says (default: the running backend's)."""
     component = COMPONENTS[name]
     config = component.config_class.from_dict(raw_config, source=f"model.{name}")
-    module = component.module_class(config)
+    module = build_module(component, config, profile)
     inputs = component.example_inputs(config)
     params = jax.jit(module.init)(jax.random.key(seed), *inputs)["params"]
     return LoadedComponent(config, dict(raw_config), module, params)

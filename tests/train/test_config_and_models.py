@@ -42,7 +42,7 @@ def test_overrides_are_typed_and_checked():
     config = micro_config("data")
     assert apply_override(config, "--config.optim.warmup_steps=3").optim.warmup_steps == 3
     assert apply_override(config, "config.ema_decay=0").ema_decay == 0.0  # int -> float field
-    assert apply_override(config, "--config.remat=True").remat is True
+    assert apply_override(config, "--config.remat=dots_saveable").remat == "dots_saveable"
     widened = apply_override(config, "--config.model.unet.layers_per_block=2")
     assert (
         widened.model.unet["layers_per_block"] == 2 and config.model.unet["layers_per_block"] == 1
@@ -55,11 +55,52 @@ def test_overrides_are_typed_and_checked():
         apply_override(config, "--config.steps")
 
 
-def test_bad_batch_layout_is_refused_before_compiling():
+def test_bad_batch_layout_and_remat_policy_are_refused_before_compiling():
     config = micro_config("data", batch_size=6, grad_accum=4)
     models = load_models(config.model)
     with pytest.raises(ValueError, match="batch_size 6 must split into grad_accum 4"):
         make_trainer(config, models, make_mesh())
+    with pytest.raises(ValueError, match=r"remat='dots' is not a remat policy.*'dots_saveable'"):
+        make_trainer(micro_config("data", remat="dots"), models, make_mesh())
+
+
+def test_a_config_json_from_before_named_remat_policies_and_the_runtime_section_loads():
+    from ip2p_jax.train.config import RuntimeConfig, TrainConfig
+    from ip2p_jax.train.snapshot import config_from_dict
+
+    for written, policy in ((True, "nothing_saveable"), (False, "")):
+        config = config_from_dict(TrainConfig, {"steps": 5, "remat": written})
+        assert (config.remat, config.steps, config.runtime) == (policy, 5, RuntimeConfig())
+    fields = {"runtime": {"optimizer_update": "fused", "compiler_options": {}}}
+    runtime = config_from_dict(TrainConfig, fields).runtime
+    assert runtime == RuntimeConfig(optimizer_update="fused", compiler_options={})
+
+
+def test_remat_per_block_keeps_the_param_paths_and_checkpoints_each_block():
+    """Each ResNet block and transformer is one jax.checkpoint under a named policy; the
+    params (paths and shapes) are those of the plain UNet."""
+    from ip2p_jax.weights.model_folder import COMPONENTS, build_module
+
+    component = COMPONENTS["unet"]
+    config = component.config_class.from_dict(micro_config("data").model.unet)
+    plain = build_module(component, config)
+    inputs = component.example_inputs(config)
+    shapes = jax.eval_shape(plain.init, jax.random.key(0), *inputs)["params"]
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+    def checkpoints(module) -> int:  # jax.checkpoint's primitive: remat2 (checkpoint later)
+        jaxpr = jax.make_jaxpr(lambda p: module.apply({"params": p}, *inputs))(params)
+        return sum(e.primitive.name in ("remat2", "checkpoint") for e in jaxpr.jaxpr.eqns)
+
+    down, mid, up = plain.block_specs()
+    blocks = sum(s.resnets * (2 if s.heads else 1) for s in (*down, *up)) + 3  # mid: 2 + 1
+    assert checkpoints(plain) == 0
+    for policy in ("nothing_saveable", "dots_saveable"):
+        rematted = plain.clone(remat_policy=policy)
+        again = jax.eval_shape(rematted.init, jax.random.key(0), *inputs)["params"]
+        assert jax.tree.structure(again) == jax.tree.structure(shapes)
+        assert jax.tree.map(lambda s: s.shape, again) == jax.tree.map(lambda s: s.shape, shapes)
+        assert checkpoints(rematted) == blocks, policy
 
 
 def test_fine_tune_from_an_sd_folder_widens_conv_in(tmp_path):
@@ -101,12 +142,36 @@ def _two_step_losses(**changes) -> list[float]:
     return losses
 
 
-def test_remat_is_exact_and_bf16_is_close():
-    reference = _two_step_losses()
+@pytest.fixture(scope="module")
+def reference_losses() -> list[float]:
+    """The micro config's two step losses as the running backend's profile trains them."""
+    return _two_step_losses()
+
+
+def test_remat_is_exact_and_bf16_is_close(reference_losses):
+    reference = reference_losses
     np.testing.assert_allclose(_two_step_losses(remat=True), reference, rtol=1e-6)
+    np.testing.assert_allclose(_two_step_losses(remat="dots_saveable"), reference, rtol=1e-6)
     bf16 = _two_step_losses(compute_dtype="bfloat16")
     np.testing.assert_allclose(bf16, reference, rtol=3e-2)  # bf16 keeps ~3 significant digits
     assert bf16 != reference
+
+
+def test_the_profiles_update_and_accumulation_choices_give_the_same_steps(reference_losses):
+    """The second step's loss sees the first update: the fused update (GPU, TPU) equals the
+    leafwise one (the CPU's). The accumulation scan gives the same losses unrolled (the CPU's
+    choice) and rolled (elsewhere)."""
+    from ip2p_jax.train.config import RuntimeConfig
+    from ip2p_jax.train.step import training_profile
+
+    own = training_profile(RuntimeConfig()).optimizer_update  # the reference's style
+    other = {"leafwise": "fused", "fused": "leafwise"}[own]
+    np.testing.assert_allclose(
+        _two_step_losses(runtime=RuntimeConfig(optimizer_update=other)), reference_losses, rtol=1e-6
+    )
+    unrolled = _two_step_losses(grad_accum=2, runtime=RuntimeConfig(unroll_grad_accum=True))
+    rolled = _two_step_losses(grad_accum=2, runtime=RuntimeConfig(unroll_grad_accum=False))
+    np.testing.assert_allclose(rolled, unrolled, rtol=1e-6)
 
 
 def test_the_state_takes_the_weights_over_and_no_host_copy_stays():

@@ -1,5 +1,5 @@
-"""The leafwise optimizer update: the tree-wide optax update's numbers, without its
-param-sized temporary."""
+"""The two optimizer update styles: leafwise (the CPU's: the tree-wide optax update's numbers,
+without its param-sized temporary) and fused (the optax chain, elsewhere) agree."""
 
 from __future__ import annotations
 
@@ -11,8 +11,15 @@ import numpy as np
 import optax
 import pytest
 
-from ip2p_jax.train.config import OptimConfig
-from ip2p_jax.train.optim import ema_decay, make_optimizer, update_leafwise
+from ip2p_jax.runtime.profile import profile_for
+from ip2p_jax.train.config import OptimConfig, TrainConfig
+from ip2p_jax.train.optim import (
+    ema_decay,
+    make_optimizer,
+    optimizer_update,
+    update_fused,
+    update_leafwise,
+)
 
 
 def _tree(rng, scale=1.0):
@@ -25,8 +32,9 @@ def _tree(rng, scale=1.0):
     }
 
 
+@pytest.mark.parametrize("update", [update_leafwise, update_fused])
 @pytest.mark.parametrize("grad_scale", [1e-3, 10.0])  # under and over the clipping norm
-def test_leafwise_update_equals_the_tree_wide_optax_update(grad_scale):
+def test_both_update_styles_equal_the_tree_wide_optax_update(update, grad_scale):
     rng = np.random.default_rng(0)
     config = OptimConfig(warmup_steps=2, grad_clip=1.0)
     params = jax.tree.map(jnp.float32, _tree(rng))
@@ -44,7 +52,7 @@ def test_leafwise_update_equals_the_tree_wide_optax_update(grad_scale):
         grads = jax.tree.map(jnp.float32, _tree(rng, grad_scale))
         decay = ema_decay(jnp.int32(step), 0.999)
         ours, state, ema = jax.jit(
-            lambda g, s, p, e, d: update_leafwise(
+            lambda g, s, p, e, d: update(
                 optimizer, g, s, p, max_norm=config.grad_clip, ema=e, ema_decay_value=d
             )
         )(grads, state, ours, ema, decay)
@@ -55,6 +63,38 @@ def test_leafwise_update_equals_the_tree_wide_optax_update(grad_scale):
     for got, want in ((ours, ref), (ema, ref_ema), (state, ref_state[1])):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), got, want)
     assert not np.allclose(ours["dense"]["kernel"], params["dense"]["kernel"])
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_the_cpu_and_accelerator_profiles_train_to_the_same_state(grad_clip):
+    """apply_gradients under the CPU profile (leafwise) and the GPU/TPU one (fused): equal
+    params, optimizer state and EMA after a few updates, with and without clipping."""
+    from ip2p_jax.train.step import TrainState, apply_gradients
+
+    rng = np.random.default_rng(1)
+    config = TrainConfig(optim=OptimConfig(warmup_steps=2, grad_clip=grad_clip), ema_decay=0.9)
+    params = jax.tree.map(jnp.float32, _tree(rng))
+    optimizer = make_optimizer(config.optim, config.steps)
+    start = TrainState(jnp.int32(0), params, optimizer.init(params), params, jnp.zeros(2, "uint32"))
+    grads = [jax.tree.map(jnp.float32, _tree(rng, 3.0)) for _ in range(3)]
+    states = {}
+    for backend in ("cpu", "gpu", "tpu"):
+        profile = profile_for(backend)
+        step = jax.jit(lambda s, g, p=profile: apply_gradients(optimizer, config, s, g, s.rng, p))
+        state = start
+        for g in grads:
+            state, metrics = step(state, g)
+        states[profile.optimizer_update] = state
+    assert set(states) == {"leafwise", "fused"}
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
+        states["leafwise"],
+        states["fused"],
+    )
+    assert int(states["fused"].step) == 3
+    assert not np.allclose(states["fused"].ema_params["conv"]["bias"], params["conv"]["bias"])
+    with pytest.raises(ValueError, match="choose one of"):
+        optimizer_update("treewide")
 
 
 def test_leafwise_update_keeps_no_param_sized_temporary():
