@@ -39,7 +39,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 HEAVY_GROUPS = (
     "sd15",
     "tests/train/test_multihost.py",
-    "tests/train/test_distributed.py",
     "train runs",
     "tests/train/test_config_and_models.py",
     "tests/train/test_grow.py",

@@ -79,3 +79,19 @@ def three_step_run(shapes32, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("three_steps")
     train(micro_config(shapes32, steps=3), workdir)
     return workdir
+
+
+def fixed_batches(tokenizer, steps: int = 3, batch: int = 8):
+    """Random 32 px pairs with numbered instructions, the same every call: batches for steps
+    compared across configs without a dataset."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for step in range(steps):
+        images = rng.integers(0, 256, (2, batch, 32, 32, 3), dtype=np.uint8)
+        words = [f"make shape {step} number {i} red" for i in range(batch)]
+        yield {
+            "input_image": images[0],
+            "edited_image": images[1],
+            "input_ids": np.asarray(tokenizer(words), np.int32),
+        }
