@@ -132,6 +132,13 @@ def _with_text(
     return element
 
 
+def block_global_index(local: int, shard_index: int, shard_count: int, local_batch: int) -> int:
+    """The whole-split index of process `shard_index`'s `local`-th example, when each of
+    `shard_count` processes reads blocks of `local_batch` of every global batch."""
+    batch, row = divmod(local, local_batch)
+    return batch * local_batch * shard_count + shard_index * local_batch + row
+
+
 class ProcessBlocks:
     """A grain sampler: this process's rows of every global batch, from `start` on.
 
@@ -147,9 +154,7 @@ class ProcessBlocks:
 
     def global_index(self, local: int) -> int:
         """The whole-split sampler index of this process's `local`-th example."""
-        batch, row = divmod(local, self.local_batch)
-        global_batch = self.local_batch * self.shard_count
-        return batch * global_batch + self.shard_index * self.local_batch + row
+        return block_global_index(local, self.shard_index, self.shard_count, self.local_batch)
 
     def __len__(self) -> int:
         total = len(self.sampler)
@@ -341,8 +346,7 @@ def _next_global_index(
     local_batch = int(state.get("local_batch_size", global_batch // shard_count))
     if "grain" in state:
         state = {**state, "consumed": _consumed_from_grain_state(state["grain"])}
-    blocks = ProcessBlocks(None, shard_index, shard_count, local_batch)
-    return blocks.global_index(int(state["consumed"]))
+    return block_global_index(int(state["consumed"]), shard_index, shard_count, local_batch)
 
 
 def _consumed_from_grain_state(grain_state: Mapping[str, Any]) -> int:

@@ -56,11 +56,15 @@ def host_copy(tree: Any) -> Any:
         and not leaf.is_fully_addressable
         and not leaf.is_fully_replicated
     ]
+    # Replicated leaves that span other hosts: this process's own copy is the whole value.
+    # Split ones are filled in by the gather below.
     copies: list[Any] = [
-        np.asarray(leaf.addressable_data(0))
+        None
+        if i in spread
+        else leaf.addressable_data(0)
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
         else leaf
-        for leaf in leaves
+        for i, leaf in enumerate(leaves)
     ]
     copies = jax.device_get(copies)
     if spread:

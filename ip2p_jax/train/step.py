@@ -25,6 +25,7 @@ from ip2p_jax.models.unet import remat_policy
 from ip2p_jax.models.vae import DiagonalGaussian
 from ip2p_jax.runtime import memory
 from ip2p_jax.runtime.compilation import jit
+from ip2p_jax.runtime.distributed import host_copy
 from ip2p_jax.runtime.profile import BackendProfile, current_profile
 from ip2p_jax.train import sharding
 from ip2p_jax.train.config import RuntimeConfig, TrainConfig
@@ -324,8 +325,8 @@ def apply_gradients(
 
 
 def host_metrics(metrics: dict) -> dict[str, float]:
-    """Device scalars -> python floats (one transfer)."""
-    return {name: float(value) for name, value in jax.device_get(metrics).items()}
+    """Device scalars -> python floats (one transfer; replicated, so read on every process)."""
+    return {name: float(value) for name, value in host_copy(metrics).items()}
 
 
 def is_finite(metrics: dict[str, float]) -> bool:
