@@ -1,4 +1,5 @@
-"""The blockwise attention kernel against plain softmax attention, and the kernel registry."""
+"""The blockwise attention kernel against plain softmax attention, the kernel registry and
+each backend's kernel."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 from ip2p_jax.models import attention as attn
+from ip2p_jax.models.execution import Execution
+from ip2p_jax.runtime.profile import profile_for
 
 
 def _qkv(batch, length, heads, dim, keys=None, seed=0):
@@ -48,7 +51,7 @@ def test_blockwise_gradients_equal_plain_attention():
     blockwise = lambda q, k, v: attn._blockwise_attention(
         q, k, v, causal=False, mask=None, block_logits=300
     )
-    plain = lambda q, k, v: attn._xla_attention(q, k, v, causal=False, mask=None)
+    plain = lambda q, k, v: attn.xla_attention(q, k, v, causal=False, mask=None)
     ours = jax.grad(loss(blockwise), argnums=(0, 1, 2))(q, k, v)
     theirs = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, theirs, strict=True):
@@ -65,16 +68,19 @@ def test_small_and_masked_attention_take_the_plain_kernel(monkeypatch):
 
 
 def test_unknown_kernel_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="blockwise"):
-        with attn.attention_kernel("flash9"):
-            pass
+    q, k, v = _qkv(1, 4, 1, 4)
+    with pytest.raises(ValueError, match="'flash9'.*blockwise"):
+        attn.attention(q, k, v, kernel="flash9")
+    with pytest.raises(ValueError, match="'flash9'.*blockwise"):
+        Execution(attention="flash9")
 
 
-def test_the_default_kernel_follows_the_backend(monkeypatch):
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert attn.active_kernel() == "blockwise"
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert attn.active_kernel() == "dot_product"  # no loop of small kernels on a GPU
-    with attn.attention_kernel("blockwise"):
-        assert attn.active_kernel() == "blockwise"
-    assert attn.active_kernel() == "dot_product"
+@pytest.mark.parametrize(
+    "backend, kernel", [("cpu", "blockwise"), ("gpu", "cudnn"), ("tpu", "pallas_tpu")]
+)
+def test_each_backend_profile_names_its_kernel(backend, kernel):
+    # Static configuration: the module field, not a global read while tracing.
+    assert profile_for(backend).execution().attention == kernel
+    assert profile_for(backend, attention_kernel="dot_product").execution().attention == (
+        "dot_product"
+    )

@@ -144,11 +144,15 @@ def test_parity_pipeline_flag_compares_whole_edits(tiny_folder, capsys):
     assert all(r["metric"] == "mean" and r["mean_abs_error"] < 1 / 255 for r in pipeline_rows), rows
 
 
-def test_the_cli_offers_every_sampler():
-    from ip2p_jax.apps.cli.arguments import SAMPLER_NAMES
+def test_the_cli_offers_every_sampler_kernel_and_dtype():
+    from ip2p_jax.apps.cli.arguments import ATTENTION_NAMES, DTYPE_NAMES, SAMPLER_NAMES
     from ip2p_jax.diffusion.samplers import SAMPLERS
+    from ip2p_jax.models.attention import KERNELS
+    from ip2p_jax.models.execution import COMPUTE_DTYPES
 
     assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
+    assert sorted(ATTENTION_NAMES) == sorted(KERNELS)
+    assert sorted(DTYPE_NAMES) == sorted(COMPUTE_DTYPES)
 
 
 def test_unset_sampling_options_come_from_the_model_kind(tiny_folder):

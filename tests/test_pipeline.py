@@ -204,3 +204,69 @@ def test_progress_reports_every_step_from_inside_the_loop(pipe, scene, capsys):
     assert "sampling: step 3/3" in err and "step 1/3" in err
     pipe.edit(scene, "make it red", steps=3, resolution=32, progress=False)
     assert "sampling" not in capsys.readouterr().err
+
+
+def test_switching_the_attention_kernel_retraces_and_calls_the_new_kernel(
+    tiny_folder, scene, sampling_traces, monkeypatch
+):
+    from ip2p_jax.models import attention
+
+    pipe = EditPipeline.from_pretrained(tiny_folder, attention="dot_product")
+    calls = {"dot_product": 0, "blockwise": 0}
+    for name in calls:  # count the traced calls of each kernel (a registry entry each)
+        original = attention.KERNELS[name]
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setitem(attention.KERNELS, name, counted)
+    # A shape no other test samples: no program of either kernel is cached for it yet.
+    kwargs = {"steps": 2, "resolution": 40}
+    first = pipe.edit(scene, "make it red", **kwargs)
+    traced, dot_calls = sampling_traces["count"], calls["dot_product"]
+    assert traced == 1 and dot_calls > 0 and calls["blockwise"] == 0
+    pipe.use_attention("blockwise")
+    second = pipe.edit(scene, "make it red", **kwargs)
+    assert sampling_traces["count"] == traced + 1  # the kernel is static: a new trace
+    assert calls["blockwise"] > 0 and calls["dot_product"] == dot_calls
+    # Both kernels are exact attention: the same edit to float rounding.
+    np.testing.assert_allclose(np.asarray(first), np.asarray(second), atol=2)
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash9'"):
+        pipe.use_attention("flash9")
+
+
+def test_a_bf16_pipeline_computes_in_bf16_and_keeps_the_sampler_in_fp32(tiny_folder):
+    pipe = EditPipeline.from_pretrained(tiny_folder, dtype="bfloat16")
+    unet = pipe.unet
+    assert unet.module.execution.dtype == "bfloat16"
+    assert pipe.vae.module.execution.dtype == "float32"  # the VAE: float32 by default
+    assert {leaf.dtype for leaf in jax.tree.leaves(unet.params)} == {jnp.dtype(jnp.bfloat16)}
+    x = jnp.zeros((1, 8, 8, 4), jnp.float32)
+    denoise = guided_denoiser(
+        lambda x, t, c: unet.module.apply({"params": unet.params}, x, t, c),
+        text=jnp.zeros((1, 77, 32), jnp.bfloat16),
+        null_text=jnp.zeros((1, 77, 32), jnp.bfloat16),
+        image_latent=jnp.zeros((1, 8, 8, 4), jnp.float32),
+        text_scale=jnp.ones((1,)),
+        image_scale=jnp.ones((1,)),
+    )
+    jaxpr = jax.make_jaxpr(denoise)(x, jnp.float32(500.0))
+    dots = [
+        eqn
+        for eqn in _equations(jaxpr.jaxpr)
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated")
+    ]
+    assert dots and all(eqn.invars[0].aval.dtype == jnp.bfloat16 for eqn in dots)
+    assert jaxpr.out_avals[0].dtype == jnp.float32  # the guidance combination in float32
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in it (jit, remat, custom rules)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)

@@ -8,6 +8,7 @@ import dataclasses
 import jax
 import pytest
 
+from ip2p_jax.models.execution import Execution
 from ip2p_jax.models.unet import UNetConfig
 from ip2p_jax.runtime.profile import (
     CPU_COMPILER_OPTIONS,
@@ -32,7 +33,8 @@ def test_the_cpu_profile_makes_the_cpus_choices():
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_accelerator_profiles_are_built_without_their_device(backend):
     profile = profile_for(backend)  # on this CPU machine: no device of that kind needed
-    assert profile == BackendProfile(backend)
+    kernel = {"gpu": "cudnn", "tpu": "pallas_tpu"}[backend]
+    assert profile == BackendProfile(backend, attention_kernel=kernel, compute_dtype="bfloat16")
     assert profile.xla_options() is None and profile.compiler_options == ()
     assert profile.conv_patches_max_rows == 0  # every convolution native
     assert not profile.tune_malloc and not profile.unroll_grad_accum
@@ -101,16 +103,32 @@ def test_a_training_config_overrides_the_profile_from_the_command_line():
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
-def test_modules_are_built_with_the_profiles_conv_lowering(backend):
+def test_modules_are_built_with_the_profiles_execution(backend):
     profile = profile_for(backend)
-    unet = build_module(COMPONENTS["unet"], UNetConfig(), profile)
-    assert unet.conv_patches_max_rows == profile.conv_patches_max_rows
-    vae = build_module(COMPONENTS["vae"], COMPONENTS["vae"].config_class(), profile)
-    assert vae.conv_patches_max_rows == profile.conv_patches_max_rows
-    # The text encoder has no convolution: built as it was.
-    text = build_module(COMPONENTS["text_encoder"], COMPONENTS["text_encoder"].config_class())
-    assert not hasattr(text, "conv_patches_max_rows")
-    # A trainer re-lowers a loaded component in place when its config overrides the profile.
+    for name in ("unet", "vae", "text_encoder"):
+        component = COMPONENTS[name]
+        module = build_module(component, component.config_class(), profile)
+        assert module.execution == Execution(
+            profile.compute_dtype, profile.attention_kernel, profile.conv_patches_max_rows
+        )
+    assert build_module(COMPONENTS["unet"], UNetConfig(), profile, "float16").execution.dtype == (
+        "float16"
+    )
+    # A trainer re-runs a loaded component in place when its config overrides the profile;
+    # the compute dtype stays unless it names one.
+    unet = build_module(COMPONENTS["unet"], UNetConfig(), profile, "bfloat16")
     loaded = LoadedComponent(UNetConfig(), {}, unet, params={})
     loaded.use_profile(profile_for(backend, conv_patches_max_rows=16))
-    assert loaded.module.conv_patches_max_rows == 16 and loaded.module.config == unet.config
+    assert loaded.module.execution.conv_patches_max_rows == 16
+    assert loaded.module.execution.dtype == "bfloat16" and loaded.module.config == unet.config
+    loaded.use_attention("dot_product")
+    assert loaded.module.execution.attention == "dot_product"
+
+
+def test_accelerators_compute_in_bf16_and_the_cpu_in_fp32():
+    assert profile_for("cpu").compute_dtype == "float32"
+    assert profile_for("gpu").compute_dtype == profile_for("tpu").compute_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="compute_dtype='int8'"):
+        profile_for("gpu", compute_dtype="int8")
+    with pytest.raises(ValueError, match="attention_kernel='flash9'"):
+        profile_for("gpu", attention_kernel="flash9")

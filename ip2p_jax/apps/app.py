@@ -162,14 +162,19 @@ def launch_app(
     resolution: int | None = None,
     steps: int | None = None,
     block: bool = True,
+    dtype: str | None = None,
+    attention: str | None = None,
 ):
-    """Loads the model (the bundled shapes model by default) and serves the page; returns
-    the Gradio Blocks (already serving when ``block`` is False)."""
+    """Loads the model (the bundled shapes model by default) in ``dtype`` with the
+    ``attention`` kernel (None: the backend's, see EditPipeline.from_pretrained) and serves
+    the page; returns the Gradio Blocks (already serving when ``block`` is False)."""
     from ip2p_jax.apps.shipped import sampling_defaults, shipped_model
     from ip2p_jax.pipelines.edit import EditPipeline
 
     shipped = model is None
-    pipeline = EditPipeline.from_pretrained(shipped_model() if shipped else model)
+    pipeline = EditPipeline.from_pretrained(
+        shipped_model() if shipped else model, dtype=dtype, attention=attention
+    )
     defaults = sampling_defaults(shipped)
     defaults = dataclasses.replace(
         defaults, resolution=resolution or defaults.resolution, steps=steps or defaults.steps

@@ -1,17 +1,16 @@
 """The one place attention is computed.
 
-Every attention in the UNet, VAE and CLIP text encoder goes through :func:`attention`, so a
-faster kernel (cuDNN flash on GPU, splash on TPU) is chosen here alone. The CPU's default,
-``blockwise``, is exact attention computed one head and block of queries at a time (short
-sequences and masked (causal) attention take plain ``dot_product``); other backends default
-to ``dot_product``.
+Every attention in the UNet, VAE and CLIP text encoder goes through :func:`attention`, with
+the kernel named by the model's static ``Execution.attention`` (models.execution), which the
+backend profile chooses (runtime.profile): the CPU's ``blockwise`` is exact attention
+computed one head and block of queries at a time (short sequences and masked (causal)
+attention take plain ``dot_product``); GPUs take cuDNN's fused attention, TPUs Pallas'.
 Tensors are laid out ``[batch, length, heads, head_dim]``, as ``jax.nn.dot_product_attention``.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +18,19 @@ import jax.numpy as jnp
 AttentionFn = Callable[..., jax.Array]
 
 
-def _xla_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, mask: jax.Array | None
+def xla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    mask: jax.Array | None,
+    scale: float | None = None,
 ) -> jax.Array:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
-
-
-def _cudnn_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, mask: jax.Array | None
-) -> jax.Array:
+    """XLA's attention (``jax.nn.dot_product_attention``), the softmax in float32; ``scale``
+    defaults to 1/sqrt(head_dim). The kernel every other kernel falls back to."""
     return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=causal, implementation="cudnn"
+        q, k, v, mask=mask, is_causal=causal, scale=scale, implementation="xla"
     )
 
 
@@ -62,10 +63,14 @@ def _blockwise_attention(
     self-attention 1.5x and its 4096-token one 2.7x faster than batched blocks of queries over
     all heads at once, and 3-6x faster than one big softmax (``scripts/bench_attention.py``).
     Attention whose logits fit in one step anyway takes plain ``dot_product``."""
+    if q.dtype == jnp.float16:
+        # XLA:CPU has no float16 dot with float32 accumulation (the F16_F16_F32 preset
+        # jax.nn.dot_product_attention asks for), and no fast float16 at all: float32 here.
+        q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
     batch, length, heads, dim = q.shape
     keys = k.shape[1]
     if causal or mask is not None or batch * heads * length * keys <= block_logits:
-        return _xla_attention(q, k, v, causal=causal, mask=mask)
+        return xla_attention(q, k, v, causal=causal, mask=mask)
     block = max(1, min(length, block_logits // keys))
     blocks = -(-length // block)
     q = jnp.pad(q, ((0, 0), (0, blocks * block - length), (0, 0), (0, 0)))
@@ -81,40 +86,34 @@ def _blockwise_attention(
     return jnp.transpose(out, (0, 2, 1, 3))
 
 
+def _cudnn_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, mask: jax.Array | None
+) -> jax.Array:
+    from ip2p_jax.models.accelerator_attention import cudnn_attention  # imports this module
+
+    return cudnn_attention(q, k, v, causal=causal, mask=mask)
+
+
+def _pallas_tpu_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, mask: jax.Array | None
+) -> jax.Array:
+    from ip2p_jax.models.accelerator_attention import pallas_tpu_attention
+
+    return pallas_tpu_attention(q, k, v, causal=causal, mask=mask)
+
+
 KERNELS: dict[str, AttentionFn] = {
-    "dot_product": _xla_attention,
+    "dot_product": xla_attention,
     "blockwise": _blockwise_attention,
     "cudnn": _cudnn_attention,
+    "pallas_tpu": _pallas_tpu_attention,
 }
-
-# The kernel each backend traces with unless attention_kernel() picks one: the blockwise loop
-# suits a CPU's caches, but on a GPU or TPU its loop over heads would be hundreds of small
-# sequential kernels, so they take XLA's attention.
-BACKEND_DEFAULTS = {"cpu": "blockwise"}
-_active: str | None = None  # set by attention_kernel(); None: the backend's default
-
-
-def active_kernel() -> str:
-    """The name of the kernel :func:`attention` uses now."""
-    return _active or BACKEND_DEFAULTS.get(jax.default_backend(), "dot_product")
 
 
 def register_kernel(name: str, fn: AttentionFn) -> None:
-    """Adds an attention kernel ``fn(q, k, v, *, causal, mask) -> out`` under ``name``."""
+    """Adds an attention kernel ``fn(q, k, v, *, causal, mask) -> out`` under ``name``; models
+    use it once their ``Execution.attention`` names it (models.execution)."""
     KERNELS[name] = fn
-
-
-@contextlib.contextmanager
-def attention_kernel(name: str) -> Iterator[None]:
-    """Traces the models inside this block with the kernel ``name`` (see :data:`KERNELS`)."""
-    global _active
-    if name not in KERNELS:
-        raise ValueError(f"unknown attention kernel {name!r}; choose one of {sorted(KERNELS)}")
-    previous, _active = _active, name
-    try:
-        yield
-    finally:
-        _active = previous
 
 
 def attention(
@@ -122,12 +121,16 @@ def attention(
     k: jax.Array,
     v: jax.Array,
     *,
+    kernel: str = "dot_product",
     causal: bool = False,
     mask: jax.Array | None = None,
 ) -> jax.Array:
-    """Scaled dot-product attention, softmax(q k^T / sqrt(d)) v, with the active kernel.
+    """Scaled dot-product attention, softmax(q k^T / sqrt(d)) v, with the kernel named
+    ``kernel`` (see :data:`KERNELS`; the models pass their ``Execution.attention``).
 
     ``mask`` is boolean, broadcastable to ``[batch, heads, q_len, kv_len]``, True = attend.
     """
-    out = KERNELS[active_kernel()](q, k, v, causal=causal, mask=mask)
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {sorted(KERNELS)}")
+    out = KERNELS[kernel](q, k, v, causal=causal, mask=mask)
     return out.astype(jnp.result_type(q))

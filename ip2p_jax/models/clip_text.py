@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 from ip2p_jax.models.attention import attention
 from ip2p_jax.models.config import ConfigError, load_json
-from ip2p_jax.models.layers import layer_norm
+from ip2p_jax.models.execution import Execution
+from ip2p_jax.models.layers import dense, layer_norm
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -82,75 +83,83 @@ class CLIPAttention(nn.Module):
     """Multi-head self-attention with biased q/k/v/out projections."""
 
     config: CLIPTextConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        cfg = self.config
+        cfg, run = self.config, self.execution
         heads, dim = cfg.num_attention_heads, cfg.hidden_size
 
         def project(name: str) -> jax.Array:
-            out = nn.Dense(dim, name=name)(x)
+            out = dense(dim, name, run)(x)
             return out.reshape(*x.shape[:2], heads, dim // heads)
 
-        out = attention(project("q_proj"), project("k_proj"), project("v_proj"), mask=mask)
-        return nn.Dense(dim, name="out_proj")(out.reshape(x.shape))
+        q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+        out = attention(q, k, v, kernel=run.attention, mask=mask)
+        return dense(dim, "out_proj", run)(out.reshape(x.shape))
 
 
 class CLIPMLP(nn.Module):
     config: CLIPTextConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        h = ACTIVATIONS[cfg.hidden_act](nn.Dense(cfg.intermediate_size, name="fc1")(x))
-        return nn.Dense(cfg.hidden_size, name="fc2")(h)
+        cfg, run = self.config, self.execution
+        h = ACTIVATIONS[cfg.hidden_act](dense(cfg.intermediate_size, "fc1", run)(x))
+        return dense(cfg.hidden_size, "fc2", run)(h)
 
 
 class CLIPEncoderLayer(nn.Module):
     """Pre-LayerNorm transformer layer."""
 
     config: CLIPTextConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        eps = self.config.layer_norm_eps
-        x = x + CLIPAttention(self.config, name="self_attn")(
-            layer_norm(eps, "layer_norm1")(x), mask
+        eps, run = self.config.layer_norm_eps, self.execution
+        x = x + CLIPAttention(self.config, run, name="self_attn")(
+            layer_norm(eps, "layer_norm1", run)(x), mask
         )
-        return x + CLIPMLP(self.config, name="mlp")(layer_norm(eps, "layer_norm2")(x))
+        return x + CLIPMLP(self.config, run, name="mlp")(layer_norm(eps, "layer_norm2", run)(x))
 
 
 class CLIPEncoder(nn.Module):
     """The stack of layers; returns every layer's output."""
 
     config: CLIPTextConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, h: jax.Array, mask: jax.Array) -> list[jax.Array]:
         outputs = []
         for i in range(self.config.num_hidden_layers):
-            h = CLIPEncoderLayer(self.config, name=f"layers_{i}")(h, mask)
+            h = CLIPEncoderLayer(self.config, self.execution, name=f"layers_{i}")(h, mask)
             outputs.append(h)
         return outputs
 
 
 class CLIPTextEmbeddings(nn.Module):
     config: CLIPTextConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        cfg = self.config
-        tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="token_embedding")(input_ids)
-        positions = nn.Embed(
-            cfg.max_position_embeddings, cfg.hidden_size, name="position_embedding"
-        )
+        cfg, dtype = self.config, self.execution.compute_dtype
+        embed = lambda rows, name: nn.Embed(rows, cfg.hidden_size, dtype=dtype, name=name)
+        tokens = embed(cfg.vocab_size, "token_embedding")(input_ids)
+        positions = embed(cfg.max_position_embeddings, "position_embedding")
         return tokens + positions(jnp.arange(input_ids.shape[-1]))[None]
 
 
 class CLIPTextModel(nn.Module):
-    """Token ids [B, T] -> :class:`CLIPTextOutput`. Causal attention, as CLIP's text tower."""
+    """Token ids [B, T] -> :class:`CLIPTextOutput`. Causal attention, as CLIP's text tower.
+    ``execution`` (models.execution): compute dtype and attention kernel; the outputs are in
+    the compute dtype."""
 
     config: CLIPTextConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(
@@ -168,9 +177,10 @@ class CLIPTextModel(nn.Module):
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
         if attention_mask is not None:  # 1 = a real token, 0 = padding (not attended to)
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
-        h = CLIPTextEmbeddings(cfg, name="embeddings")(input_ids)
-        hidden_states = [h, *CLIPEncoder(cfg, name="encoder")(h, mask)]
-        last = layer_norm(cfg.layer_norm_eps, "final_layer_norm")(hidden_states[-1])
+        run = self.execution
+        h = CLIPTextEmbeddings(cfg, run, name="embeddings")(input_ids)
+        hidden_states = [h, *CLIPEncoder(cfg, run, name="encoder")(h, mask)]
+        last = layer_norm(cfg.layer_norm_eps, "final_layer_norm", run)(hidden_states[-1])
         if cfg.eos_token_id == 2:  # configs from before transformers#24773: the EOS has the max id
             eos_position = jnp.argmax(input_ids, axis=-1)
         else:

@@ -2,15 +2,20 @@
 
 Activations are NHWC. Normalisations compute their statistics as torch does (two-pass
 variance, in float32) so the ports agree to the last decimal with the PyTorch modules.
+Blocks take an ``execution`` (models.execution): their compute dtype, attention kernel and
+convolution lowering.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ip2p_jax.models.attention import attention
+from ip2p_jax.models.execution import Execution
 
 
 class GroupNorm(nn.Module):
@@ -36,9 +41,17 @@ class GroupNorm(nn.Module):
         return (normed * scale + bias).astype(x.dtype)
 
 
-def layer_norm(epsilon: float, name: str) -> nn.LayerNorm:
-    """torch.nn.LayerNorm: two-pass variance (flax's fast variance loses digits)."""
-    return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name)
+def layer_norm(epsilon: float, name: str, execution: Execution) -> nn.LayerNorm:
+    """torch.nn.LayerNorm: two-pass variance (flax's fast variance loses digits), statistics
+    in float32, output in the compute dtype."""
+    return nn.LayerNorm(
+        epsilon=epsilon, use_fast_variance=False, dtype=execution.compute_dtype, name=name
+    )
+
+
+def dense(features: int, name: str, execution: Execution, use_bias: bool = True) -> nn.Dense:
+    """torch.nn.Linear computing in the execution's dtype (inputs and kernel cast to it)."""
+    return nn.Dense(features, use_bias=use_bias, dtype=execution.compute_dtype, name=name)
 
 
 class Conv2d(nn.Module):
@@ -48,6 +61,7 @@ class Conv2d(nn.Module):
     see runtime.profile): 0 runs the native convolution; N > 0 runs 1x1 convolutions, and
     those whose output has at most N rows (batch x positions), as one matmul over gathered
     patches (im2col). Both give the same numbers to float rounding, and the same params.
+    ``dtype`` is the compute dtype (input, kernel and bias cast to it); None: the input's.
     """
 
     features: int
@@ -55,6 +69,7 @@ class Conv2d(nn.Module):
     stride: int = 1
     padding: int = 0
     patches_max_rows: int = 0
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -62,6 +77,8 @@ class Conv2d(nn.Module):
         kernel = self.param(
             "kernel", nn.initializers.lecun_normal(), (size, size, x.shape[-1], self.features)
         )
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
         kernel = kernel.astype(x.dtype)
         height, width = x.shape[1:3]
@@ -96,12 +113,20 @@ def conv(
     stride: int = 1,
     padding: int | None = None,
     *,
-    patches_max_rows: int = 0,
+    execution: Execution,
 ) -> Conv2d:
-    """A torch-style Conv2d: symmetric padding, default ``kernel // 2``; ``patches_max_rows``
-    is its lowering (see :class:`Conv2d`)."""
+    """A torch-style Conv2d: symmetric padding, default ``kernel // 2``, lowered and computed
+    as ``execution`` says (see :class:`Conv2d`)."""
     pad = kernel // 2 if padding is None else padding
-    return Conv2d(features, kernel, stride, pad, patches_max_rows, name=name)
+    return Conv2d(
+        features,
+        kernel,
+        stride,
+        pad,
+        execution.conv_patches_max_rows,
+        execution.compute_dtype,
+        name=name,
+    )
 
 
 def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -119,19 +144,20 @@ class ResnetBlock2D(nn.Module):
     groups: int
     eps: float
     output_scale_factor: float = 1.0
-    conv_patches_max_rows: int = 0  # the lowering of its convolutions (Conv2d)
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        rows = self.conv_patches_max_rows
+        run = self.execution
+        x = x.astype(run.compute_dtype)
         h = nn.silu(GroupNorm(self.groups, self.eps, name="norm1")(x))
-        h = conv(self.out_channels, 3, "conv1", patches_max_rows=rows)(h)
+        h = conv(self.out_channels, 3, "conv1", execution=run)(h)
         if temb is not None:
-            h = h + nn.Dense(self.out_channels, name="time_emb_proj")(nn.silu(temb))[:, None, None]
+            h = h + dense(self.out_channels, "time_emb_proj", run)(nn.silu(temb))[:, None, None]
         h = nn.silu(GroupNorm(self.groups, self.eps, name="norm2")(h))
-        h = conv(self.out_channels, 3, "conv2", patches_max_rows=rows)(h)
+        h = conv(self.out_channels, 3, "conv2", execution=run)(h)
         if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, 1, "conv_shortcut", patches_max_rows=rows)(x)
+            x = conv(self.out_channels, 1, "conv_shortcut", execution=run)(x)
         return (x + h) / self.output_scale_factor
 
 
@@ -140,19 +166,14 @@ class Downsample2D(nn.Module):
 
     out_channels: int
     padding: int = 1
-    conv_patches_max_rows: int = 0  # the lowering of its convolution (Conv2d)
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.padding == 0:
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
         return conv(
-            self.out_channels,
-            3,
-            "conv",
-            stride=2,
-            padding=self.padding,
-            patches_max_rows=self.conv_patches_max_rows,
+            self.out_channels, 3, "conv", stride=2, padding=self.padding, execution=self.execution
         )(x)
 
 
@@ -160,7 +181,7 @@ class Upsample2D(nn.Module):
     """Nearest 2x (or to ``size``, for sides that were odd on the way down), then a 3x3 conv."""
 
     out_channels: int
-    conv_patches_max_rows: int = 0  # the lowering of its convolution (Conv2d)
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
@@ -168,7 +189,7 @@ class Upsample2D(nn.Module):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         else:
             x = nearest_resize(x, size)
-        return conv(self.out_channels, 3, "conv", patches_max_rows=self.conv_patches_max_rows)(x)
+        return conv(self.out_channels, 3, "conv", execution=self.execution)(x)
 
 
 class Attention(nn.Module):
@@ -184,10 +205,12 @@ class Attention(nn.Module):
     group_norm_groups: int | None = None
     eps: float = 1e-6
     upcast: bool = False  # diffusers' upcast_attention: q, k, v in float32 whatever the dtype
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
-        residual = x
+        run = self.execution
+        x = residual = x.astype(run.compute_dtype)
         spatial = x.ndim == 4
         if spatial:
             batch, height, width, channels = x.shape
@@ -198,14 +221,14 @@ class Attention(nn.Module):
         inner = self.heads * self.dim_head
 
         def project(name: str, source: jax.Array) -> jax.Array:
-            out = nn.Dense(inner, use_bias=self.qkv_bias, name=name)(source)
+            out = dense(inner, name, run, use_bias=self.qkv_bias)(source)
             return out.reshape(*out.shape[:2], self.heads, self.dim_head)
 
         q, k, v = project("to_q", x), project("to_k", context), project("to_v", context)
         if self.upcast:
             q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        out = attention(q, k, v).astype(x.dtype)
-        out = nn.Dense(residual.shape[-1], name="to_out_0")(out.reshape(*out.shape[:2], inner))
+        out = attention(q, k, v, kernel=run.attention).astype(x.dtype)
+        out = dense(residual.shape[-1], "to_out_0", run)(out.reshape(*out.shape[:2], inner))
         if spatial:
             out = out.reshape(residual.shape)
         if self.group_norm_groups is not None:

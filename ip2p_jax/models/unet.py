@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ip2p_jax.models.config import ConfigError, load_json, per_block, read_fields
+from ip2p_jax.models.execution import Execution
 from ip2p_jax.models.layers import (
     Attention,
     Downsample2D,
@@ -25,6 +26,7 @@ from ip2p_jax.models.layers import (
     ResnetBlock2D,
     Upsample2D,
     conv,
+    dense,
     layer_norm,
 )
 
@@ -184,20 +186,23 @@ class TimestepEmbedding(nn.Module):
     """linear_1 -> silu -> linear_2."""
 
     dim: int
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Dense(self.dim, name="linear_2")(nn.silu(nn.Dense(self.dim, name="linear_1")(x)))
+        run = self.execution
+        return dense(self.dim, "linear_2", run)(nn.silu(dense(self.dim, "linear_1", run)(x)))
 
 
 class GEGLU(nn.Module):
     """proj to 2 x inner, then hidden * gelu(gate) (exact gelu)."""
 
     inner: int
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden, gate = jnp.split(nn.Dense(self.inner * 2, name="proj")(x), 2, axis=-1)
+        hidden, gate = jnp.split(dense(self.inner * 2, "proj", self.execution)(x), 2, axis=-1)
         return hidden * nn.gelu(gate, approximate=False)
 
 
@@ -205,10 +210,12 @@ class FeedForward(nn.Module):
     """diffusers FeedForward: net.0 (GEGLU to 4 x dim), net.1 dropout, net.2 linear."""
 
     dim: int
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Dense(self.dim, name="net_2")(GEGLU(self.dim * 4, name="net_0")(x))
+        run = self.execution
+        return dense(self.dim, "net_2", run)(GEGLU(self.dim * 4, run, name="net_0")(x))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -217,14 +224,17 @@ class BasicTransformerBlock(nn.Module):
     dim: int
     heads: int
     upcast: bool
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-        head_dim = self.dim // self.heads
-        attn = lambda name: Attention(self.heads, head_dim, upcast=self.upcast, name=name)
-        x = x + attn("attn1")(layer_norm(1e-5, "norm1")(x))
-        x = x + attn("attn2")(layer_norm(1e-5, "norm2")(x), context)
-        return x + FeedForward(self.dim, name="ff")(layer_norm(1e-5, "norm3")(x))
+        run, head_dim = self.execution, self.dim // self.heads
+        attn = lambda name: Attention(
+            self.heads, head_dim, upcast=self.upcast, execution=run, name=name
+        )
+        x = x + attn("attn1")(layer_norm(1e-5, "norm1", run)(x))
+        x = x + attn("attn2")(layer_norm(1e-5, "norm2", run)(x), context)
+        return x + FeedForward(self.dim, run, name="ff")(layer_norm(1e-5, "norm3", run)(x))
 
 
 class Transformer2DModel(nn.Module):
@@ -235,27 +245,27 @@ class Transformer2DModel(nn.Module):
     groups: int
     linear_projection: bool
     upcast: bool
-    conv_patches_max_rows: int = 0  # the lowering of proj_in and proj_out (Conv2d)
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
         tokens = lambda t: t.reshape(batch, height * width, channels)
-        rows = self.conv_patches_max_rows
+        run = self.execution
         h = GroupNorm(self.groups, 1e-6, name="norm")(x)
         if self.linear_projection:
-            h = nn.Dense(channels, name="proj_in")(tokens(h))
+            h = dense(channels, "proj_in", run)(tokens(h))
         else:
-            h = tokens(conv(channels, 1, "proj_in", patches_max_rows=rows)(h))
+            h = tokens(conv(channels, 1, "proj_in", execution=run)(h))
         for i in range(self.layers):
             block = BasicTransformerBlock(
-                channels, self.heads, self.upcast, name=f"transformer_blocks_{i}"
+                channels, self.heads, self.upcast, run, name=f"transformer_blocks_{i}"
             )
             h = block(h, context)
         if self.linear_projection:
-            h = nn.Dense(channels, name="proj_out")(h).reshape(x.shape)
+            h = dense(channels, "proj_out", run)(h).reshape(x.shape)
         else:
-            h = conv(channels, 1, "proj_out", patches_max_rows=rows)(h.reshape(x.shape))
+            h = conv(channels, 1, "proj_out", execution=run)(h.reshape(x.shape))
         return h + x
 
 
@@ -302,7 +312,7 @@ class UNetBlock(nn.Module):
     spec: BlockSpec
     config: UNetConfig
     up: bool
-    conv_patches_max_rows: int = 0  # see UNet2DConditionModel
+    execution: Execution = Execution()
     remat_policy: str = ""
 
     @nn.compact
@@ -314,7 +324,7 @@ class UNetBlock(nn.Module):
         skips: tuple[jax.Array, ...] = (),
         upsample_size: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, list[jax.Array]]:
-        spec, cfg, rows = self.spec, self.config, self.conv_patches_max_rows
+        spec, cfg, run = self.spec, self.config, self.execution
         resnet_class = rematerialised(ResnetBlock2D, self.remat_policy)
         produced = []
         for j in range(spec.resnets):
@@ -324,25 +334,25 @@ class UNetBlock(nn.Module):
                 spec.channels,
                 cfg.norm_num_groups,
                 cfg.norm_eps,
-                conv_patches_max_rows=rows,
+                execution=run,
                 name=f"resnets_{j}",
             )(h, temb)
             if spec.heads is not None:
-                transformer = _transformer(spec, cfg, rows, self.remat_policy, f"attentions_{j}")
+                transformer = _transformer(spec, cfg, run, self.remat_policy, f"attentions_{j}")
                 h = transformer(h, context)
             produced.append(h)
         if spec.resample and self.up:
             doubled = (h.shape[1] * 2, h.shape[2] * 2)
             size = None if upsample_size in (None, doubled) else upsample_size
-            h = Upsample2D(spec.channels, rows, name="upsamplers_0")(h, size)
+            h = Upsample2D(spec.channels, run, name="upsamplers_0")(h, size)
         elif spec.resample:
-            h = Downsample2D(spec.channels, cfg.downsample_padding, rows, name="downsamplers_0")(h)
+            h = Downsample2D(spec.channels, cfg.downsample_padding, run, name="downsamplers_0")(h)
             produced.append(h)
         return h, produced
 
 
 def _transformer(
-    spec: BlockSpec, cfg: UNetConfig, conv_patches_max_rows: int, remat: str, name: str
+    spec: BlockSpec, cfg: UNetConfig, execution: Execution, remat: str, name: str
 ) -> Transformer2DModel:
     return rematerialised(Transformer2DModel, remat)(
         spec.heads,
@@ -350,7 +360,7 @@ def _transformer(
         cfg.norm_num_groups,
         cfg.use_linear_projection,
         cfg.upcast_attention,
-        conv_patches_max_rows,
+        execution,
         name=name,
     )
 
@@ -360,22 +370,22 @@ class MidBlock2DCrossAttn(nn.Module):
 
     spec: BlockSpec
     config: UNetConfig
-    conv_patches_max_rows: int = 0  # see UNet2DConditionModel
+    execution: Execution = Execution()
     remat_policy: str = ""
 
     @nn.compact
     def __call__(self, h, temb, context):
-        spec, cfg, rows = self.spec, self.config, self.conv_patches_max_rows
+        spec, cfg, run = self.spec, self.config, self.execution
         resnet = lambda name: rematerialised(ResnetBlock2D, self.remat_policy)(
             spec.channels,
             cfg.norm_num_groups,
             cfg.norm_eps,
             cfg.mid_block_scale_factor,
-            rows,
+            run,
             name=name,
         )
         h = resnet("resnets_0")(h, temb)
-        h = _transformer(spec, cfg, rows, self.remat_policy, "attentions_0")(h, context)
+        h = _transformer(spec, cfg, run, self.remat_policy, "attentions_0")(h, context)
         return resnet("resnets_1")(h, temb)
 
 
@@ -383,15 +393,15 @@ class UNet2DConditionModel(nn.Module):
     """The denoiser: ``(sample [B,H,W,C], timesteps [B], text [B,T,D]) -> eps [B,H,W,out]``.
 
     Two fields change how it runs, never its params or (beyond float rounding) its numbers:
-    ``conv_patches_max_rows``, the lowering of every convolution (see layers.Conv2d; set
-    from the backend profile where the module is built, weights.model_folder), and
+    ``execution`` (models.execution: compute dtype, attention kernel, convolution lowering;
+    set from the backend profile where the module is built, weights.model_folder), and
     ``remat_policy``, a name from :data:`REMAT_POLICIES` that rematerialises each ResNet
     block and each transformer (Transformer2DModel) under that policy ("" none; the
-    trainer sets it from TrainConfig.remat).
+    trainer sets it from TrainConfig.remat). The output is in the compute dtype.
     """
 
     config: UNetConfig
-    conv_patches_max_rows: int = 0
+    execution: Execution = Execution()
     remat_policy: str = ""
 
     def block_specs(self) -> tuple[list[BlockSpec], BlockSpec, list[BlockSpec]]:
@@ -427,19 +437,21 @@ class UNet2DConditionModel(nn.Module):
         first = cfg.block_out_channels[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
         t_emb = timestep_embedding(timesteps, first, cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = TimestepEmbedding(first * 4, name="time_embedding")(t_emb.astype(sample.dtype))
-        context = encoder_hidden_states
+        run, remat = self.execution, self.remat_policy
+        # The sinusoidal features in float32 (as diffusers), the MLP in the compute dtype.
+        temb = TimestepEmbedding(first * 4, run, name="time_embedding")(
+            t_emb.astype(run.compute_dtype)
+        )
+        context = encoder_hidden_states.astype(run.compute_dtype)
         down, mid, up = self.block_specs()
+        block = functools.partial(UNetBlock, execution=run, remat_policy=remat)
 
-        rows, remat = self.conv_patches_max_rows, self.remat_policy
-        block = functools.partial(UNetBlock, conv_patches_max_rows=rows, remat_policy=remat)
-
-        h = conv(first, 3, "conv_in", patches_max_rows=rows)(sample)
+        h = conv(first, 3, "conv_in", execution=run)(sample)
         skips = [h]
         for i, spec in enumerate(down):
             h, produced = block(spec, cfg, up=False, name=f"down_blocks_{i}")(h, temb, context)
             skips += produced
-        h = MidBlock2DCrossAttn(mid, cfg, rows, remat, name="mid_block")(h, temb, context)
+        h = MidBlock2DCrossAttn(mid, cfg, run, remat, name="mid_block")(h, temb, context)
         for i, spec in enumerate(up):
             mine, skips = skips[-spec.resnets :], skips[: -spec.resnets]
             # Sides that were odd on the way down come back at the next skip's size, as diffusers.
@@ -449,4 +461,4 @@ class UNet2DConditionModel(nn.Module):
             )
 
         h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(h))
-        return conv(cfg.out_channels, 3, "conv_out", patches_max_rows=rows)(h)
+        return conv(cfg.out_channels, 3, "conv_out", execution=run)(h)

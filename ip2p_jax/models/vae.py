@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ip2p_jax.models.config import ConfigError, load_json, read_fields
+from ip2p_jax.models.execution import Execution
 from ip2p_jax.models.layers import (
     Attention,
     Conv2d,
@@ -101,11 +102,11 @@ class MidBlock2D(nn.Module):
     channels: int
     groups: int
     add_attention: bool
-    conv_patches_max_rows: int = 0  # the lowering of its convolutions (layers.Conv2d)
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        resnet = functools.partial(ResnetBlock2D, conv_patches_max_rows=self.conv_patches_max_rows)
+        resnet = functools.partial(ResnetBlock2D, execution=self.execution)
         h = resnet(self.channels, self.groups, _EPS, name="resnets_0")(h)
         if self.add_attention:
             h = Attention(
@@ -114,6 +115,7 @@ class MidBlock2D(nn.Module):
                 qkv_bias=True,
                 group_norm_groups=self.groups,
                 eps=_EPS,
+                execution=self.execution,
                 name="attentions_0",
             )(h)
         return resnet(self.channels, self.groups, _EPS, name="resnets_1")(h)
@@ -127,21 +129,19 @@ class ResampleBlock(nn.Module):
     groups: int
     resample: bool
     up: bool
-    conv_patches_max_rows: int = 0  # the lowering of its convolutions (layers.Conv2d)
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        rows = self.conv_patches_max_rows
+        run = self.execution
         for j in range(self.resnets):
-            h = ResnetBlock2D(
-                self.channels, self.groups, _EPS, conv_patches_max_rows=rows, name=f"resnets_{j}"
-            )(h)
+            h = ResnetBlock2D(self.channels, self.groups, _EPS, execution=run, name=f"resnets_{j}")(
+                h
+            )
         if self.resample and self.up:
-            h = Upsample2D(self.channels, rows, name="upsamplers_0")(h)
+            h = Upsample2D(self.channels, run, name="upsamplers_0")(h)
         elif self.resample:
-            h = Downsample2D(
-                self.channels, padding=0, conv_patches_max_rows=rows, name="downsamplers_0"
-            )(h)
+            h = Downsample2D(self.channels, padding=0, execution=run, name="downsamplers_0")(h)
         return h
 
 
@@ -149,13 +149,13 @@ class Encoder(nn.Module):
     """Image [B,H,W,3] in [-1, 1] -> moments [B,H/f,W/f,2*latent] (mean, logvar)."""
 
     config: VAEConfig
-    conv_patches_max_rows: int = 0  # see AutoencoderKL
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg, rows = self.config, self.conv_patches_max_rows
+        cfg, run = self.config, self.execution
         channels, groups = cfg.block_out_channels, cfg.norm_num_groups
-        h = conv2d(channels[0], 3, "conv_in", patches_max_rows=rows)(x)
+        h = conv2d(channels[0], 3, "conv_in", execution=run)(x)
         for i, ch in enumerate(channels):
             last = i == len(channels) - 1
             block = ResampleBlock(
@@ -164,27 +164,27 @@ class Encoder(nn.Module):
                 groups,
                 not last,
                 up=False,
-                conv_patches_max_rows=rows,
+                execution=run,
                 name=f"down_blocks_{i}",
             )
             h = block(h)
-        mid = MidBlock2D(channels[-1], groups, cfg.mid_block_add_attention, rows, name="mid_block")
+        mid = MidBlock2D(channels[-1], groups, cfg.mid_block_add_attention, run, name="mid_block")
         h = nn.silu(GroupNorm(groups, _EPS, name="conv_norm_out")(mid(h)))
-        return conv2d(2 * cfg.latent_channels, 3, "conv_out", patches_max_rows=rows)(h)
+        return conv2d(2 * cfg.latent_channels, 3, "conv_out", execution=run)(h)
 
 
 class Decoder(nn.Module):
     """Latent [B,h,w,latent] -> image [B,H,W,3] in about [-1, 1]."""
 
     config: VAEConfig
-    conv_patches_max_rows: int = 0  # see AutoencoderKL
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
-        cfg, rows = self.config, self.conv_patches_max_rows
+        cfg, run = self.config, self.execution
         channels, groups = cfg.block_out_channels[::-1], cfg.norm_num_groups
-        h = conv2d(channels[0], 3, "conv_in", patches_max_rows=rows)(z)
-        mid = MidBlock2D(channels[0], groups, cfg.mid_block_add_attention, rows, name="mid_block")
+        h = conv2d(channels[0], 3, "conv_in", execution=run)(z)
+        mid = MidBlock2D(channels[0], groups, cfg.mid_block_add_attention, run, name="mid_block")
         h = mid(h)
         for i, ch in enumerate(channels):
             last = i == len(channels) - 1
@@ -194,12 +194,12 @@ class Decoder(nn.Module):
                 groups,
                 not last,
                 up=True,
-                conv_patches_max_rows=rows,
+                execution=run,
                 name=f"up_blocks_{i}",
             )
             h = block(h)
         h = nn.silu(GroupNorm(groups, _EPS, name="conv_norm_out")(h))
-        return conv2d(cfg.out_channels, 3, "conv_out", patches_max_rows=rows)(h)
+        return conv2d(cfg.out_channels, 3, "conv_out", execution=run)(h)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,20 +234,23 @@ class AutoencoderKL(nn.Module):
     """diffusers AutoencoderKL. ``encode`` gives the posterior, ``decode`` the image.
 
     Latents are unscaled here: multiply by ``config.scaling_factor`` for the diffusion space.
-    ``conv_patches_max_rows`` is the lowering of every convolution (see layers.Conv2d), set
-    from the backend profile where the module is built (weights.model_folder); it changes
-    neither the params nor, beyond float rounding, the numbers.
+    ``execution`` (models.execution) is the compute dtype, attention kernel and convolution
+    lowering, set from the backend profile where the module is built (weights.model_folder);
+    it changes neither the params nor, beyond float rounding, the numbers. The posterior
+    and the decoded images come out in float32 whatever the compute dtype.
     """
 
     config: VAEConfig
-    conv_patches_max_rows: int = 0
+    execution: Execution = Execution()
 
     def setup(self) -> None:
-        cfg, rows = self.config, self.conv_patches_max_rows
+        cfg, run = self.config, self.execution
         latent = cfg.latent_channels
-        self.encoder = Encoder(cfg, rows)
-        self.decoder = Decoder(cfg, rows)
-        quant = lambda features: Conv2d(features, 1, patches_max_rows=rows)
+        self.encoder = Encoder(cfg, run)
+        self.decoder = Decoder(cfg, run)
+        quant = lambda features: Conv2d(
+            features, 1, patches_max_rows=run.conv_patches_max_rows, dtype=run.compute_dtype
+        )
         self.quant_conv = quant(2 * latent) if cfg.use_quant_conv else None
         self.post_quant_conv = quant(latent) if cfg.use_post_quant_conv else None
 
@@ -256,13 +259,13 @@ class AutoencoderKL(nn.Module):
         moments = self.encoder(images)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        return DiagonalGaussian.from_moments(moments)
+        return DiagonalGaussian.from_moments(moments.astype(jnp.float32))
 
     def decode(self, latents: jax.Array) -> jax.Array:
         """Unscaled latents [B,h,w,latent] -> images [B,H,W,C], about [-1, 1]."""
         if self.post_quant_conv is not None:
             latents = self.post_quant_conv(latents)
-        return self.decoder(latents)
+        return self.decoder(latents).astype(jnp.float32)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """Reconstruction through the posterior mode (also what ``init`` traces)."""

@@ -76,8 +76,7 @@ class GuidedBatch:
     step_noise: jax.Array | None = None
 
 
-@jit(static_argnums=(0, 1, 2, 3, 4))
-def _sample_latents(
+def sample_latents(
     unet_module,
     sampler: Sampler,
     three_rows: bool,
@@ -87,6 +86,9 @@ def _sample_latents(
     plan,
     batch: GuidedBatch,
 ):
+    """The sampling program: the guided sampling loop from the batch's initial noise to clean
+    latents (float32). The first five arguments are static (jitted as ``_sample_latents``;
+    scripts/check_lowering.py lowers it for other platforms)."""
     denoise = guided_denoiser(
         lambda x, t, ctx: unet_module.apply({"params": unet_params}, x, t, ctx),
         text=batch.text,
@@ -109,6 +111,9 @@ def _sample_latents(
         noise=batch.step_noise,
         on_step=on_step,
     )
+
+
+_sample_latents = jit(sample_latents, static_argnums=(0, 1, 2, 3, 4))
 
 
 @jit(static_argnums=0)
@@ -165,16 +170,37 @@ class LatentPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, model: str | os.PathLike, *, dtype: str = "float32", mesh: Mesh | None = None
+        cls,
+        model: str | os.PathLike,
+        *,
+        dtype: str | None = None,
+        vae_dtype: str = "float32",
+        attention: str | None = None,
+        mesh: Mesh | None = None,
     ):
-        """Loads a diffusers folder, a hub id (when online) or an ip2p-jax checkpoint."""
+        """Loads a diffusers folder, a hub id (when online) or an ip2p-jax checkpoint.
+
+        ``dtype``: the UNet's and text encoder's params and compute dtype ("float32",
+        "bfloat16", "float16"; default: the backend's, float32 on a CPU and bfloat16 on GPUs
+        and TPUs). Normalisation statistics, softmax, the timestep features and the sampler
+        state (latents, sigmas, the guidance combination) stay float32 whatever it is.
+        ``vae_dtype``: the VAE's (float32 by default: SDXL-class VAEs overflow in float16).
+        ``attention``: the attention kernel (models.attention.KERNELS; default: the
+        backend's, runtime.profile).
+        """
         folder = cls.model_folder(model)
         enable_compilation_cache()
-        if current_profile().tune_malloc:  # until the first edit has compiled (see memory.py)
+        profile = current_profile(attention_kernel=attention)
+        dtype = dtype or profile.compute_dtype
+        if profile.tune_malloc:  # until the first edit has compiled (see memory.py)
             memory.release_large_blocks()
         mesh = mesh or data_mesh()
+        dtypes = {"unet": dtype, "vae": vae_dtype, "text_encoder": dtype}
         components = [
-            load_component(folder, name, dtype=dtype) for name in ("unet", "vae", "text_encoder")
+            load_component(
+                folder, name, dtype=dtypes[name], profile=profile, compute_dtype=dtypes[name]
+            )
+            for name in dtypes
         ]
         for component in components:  # ours alone: each host array is freed once placed
             memory.move_to_devices(component, NamedSharding(mesh, P()))
@@ -184,6 +210,12 @@ class LatentPipeline:
             NoiseSchedule.from_folder(folder),
             mesh,
         )
+
+    def use_attention(self, kernel: str) -> None:
+        """Runs every model's attention with the kernel named ``kernel``
+        (models.attention.KERNELS) from the next call on: the programs retrace for it."""
+        for component in (self.unet, self.vae, self.text_encoder):
+            component.use_attention(kernel)
 
     def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
         """CLIP last hidden states [N, 77, D]; overlong prompts are truncated with a warning."""

@@ -23,10 +23,16 @@ The CPU's choices exist for its speed and memory (each is measured in docs/perfo
 - The gradient-accumulation scan unrolled: XLA:CPU compiles a convolution inside a rolled
   while loop without its fast kernels (a conv's backward ran 70x slower). Elsewhere the loop
   keeps compiles small.
+- Attention kernel: the CPU's blockwise loop keeps each head's logits in cache; on a GPU it
+  would be hundreds of small sequential kernels, so GPUs take cuDNN's fused attention and
+  TPUs Pallas' flash attention, each falling back to XLA's where it cannot take a call.
+- Compute dtype: float32 on the CPU (bf16 makes XLA:CPU slower, DESIGN.md), bfloat16 on GPUs
+  and TPUs, whose matrix units run it at many times their float32 rate.
 
-Models never ask for the backend: the conv lowering is a field of the modules, set from a
-profile where they are built (weights.model_folder). The profile is a pure function of the
-backend's name, so the 'gpu' and 'tpu' profiles can be built (and tested) on a CPU machine.
+Models never ask for the backend: how they run is one static field of the modules
+(models.execution.Execution), built from a profile where they are loaded
+(weights.model_folder). The profile is a pure function of the backend's name, so the 'gpu'
+and 'tpu' profiles can be built (and tested) on a CPU machine.
 """
 
 from __future__ import annotations
@@ -37,12 +43,17 @@ from typing import Any
 
 import jax
 
+from ip2p_jax.models.attention import KERNELS
+from ip2p_jax.models.execution import COMPUTE_DTYPES, Execution
+
 OPTIMIZER_UPDATES = ("leafwise", "fused")
 
 # The CPU's XLA options (see the module docstring): YNNPACK off.
 CPU_COMPILER_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # The CPU's largest convolution output (batch x positions) run as a patch matmul.
 CPU_PATCHES_MAX_ROWS = 64
+# The attention kernel of each backend (models.attention.KERNELS); others take XLA's.
+ATTENTION_KERNELS = {"cpu": "blockwise", "gpu": "cudnn", "cuda": "cudnn", "tpu": "pallas_tpu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +75,10 @@ class BackendProfile:
     optimizer_update: str = "fused"
     # Unroll the gradient-accumulation scan fully (True) or keep it a loop (False).
     unroll_grad_accum: bool = False
+    # The attention kernel, a name in models.attention.KERNELS.
+    attention_kernel: str = "dot_product"
+    # The models' compute dtype unless a caller picks one (models.execution.COMPUTE_DTYPES).
+    compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         options = self.compiler_options
@@ -96,6 +111,23 @@ class BackendProfile:
                 f"backend profile: optimizer_update={self.optimizer_update!r} must be one of "
                 f"{OPTIMIZER_UPDATES}"
             )
+        if self.attention_kernel not in KERNELS:
+            raise ValueError(
+                f"backend profile: attention_kernel={self.attention_kernel!r} must be one of "
+                f"{sorted(KERNELS)}"
+            )
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"backend profile: compute_dtype={self.compute_dtype!r} must be one of "
+                f"{sorted(COMPUTE_DTYPES)}"
+            )
+
+    def execution(self, dtype: str | None = None) -> Execution:
+        """How models run under this profile: its attention kernel and convolution lowering,
+        computing in ``dtype`` (default: the profile's ``compute_dtype``)."""
+        return Execution(
+            dtype or self.compute_dtype, self.attention_kernel, self.conv_patches_max_rows
+        )
 
     def xla_options(self) -> dict[str, str] | None:
         """The compiler options as ``jax.jit(compiler_options=...)`` takes them (None: none)."""
@@ -127,9 +159,11 @@ def profile_for(backend: str, **overrides: Any) -> BackendProfile:
             tune_malloc=True,
             optimizer_update="leafwise",
             unroll_grad_accum=True,
+            attention_kernel=ATTENTION_KERNELS["cpu"],
         )
     else:
-        profile = BackendProfile(backend)
+        kernel = ATTENTION_KERNELS.get(backend, "dot_product")
+        profile = BackendProfile(backend, attention_kernel=kernel, compute_dtype="bfloat16")
     chosen = {name: value for name, value in overrides.items() if value is not None}
     return dataclasses.replace(profile, **chosen)
 

@@ -3,6 +3,12 @@
 Loads a model folder with diffusers/transformers and with ours, feeds both identical random
 inputs and reports the max and mean absolute error of every output. Needs the ``torch``
 extra; torch is imported inside the functions only.
+
+The reference always runs in float32. Ours runs the UNet and text encoder in ``dtype`` (as
+``EditPipeline.from_pretrained(dtype=...)``; the VAE stays float32), so a low-precision run
+measures how far bf16 or fp16 compute lands from the float32 model; :data:`TOLERANCES` are
+the bounds each dtype must meet (measured on the random-weight test models, see
+docs/parity.md).
 """
 
 from __future__ import annotations
@@ -27,6 +33,27 @@ DEFAULT_PROMPTS = (
     "",
 )
 COMPONENT_NAMES = ("unet", "vae", "text_encoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerances:
+    """The bounds one compute dtype must meet against the float32 reference: the max abs
+    error of a component's outputs (of order 1), and the mean abs error of whole edits on
+    [0, 1] images."""
+
+    component: float
+    pipeline: float
+
+
+# float32: ports of the same math, apart by float rounding. bfloat16 / float16: about twice
+# the largest error measured on the tiny random-weight SD-1 and SD-2 models at 32 px, 4 steps
+# (docs/parity.md: bf16 3.2e-2 on text states of size 3, 1.24e-2 mean on DDIM's images; fp16
+# 5.7e-3 and 1.65e-3), 8 bits (bf16) or 11 (fp16) of mantissa through every layer.
+TOLERANCES = {
+    "float32": Tolerances(component=1e-3, pipeline=1 / 255),
+    "bfloat16": Tolerances(component=0.06, pipeline=0.025),
+    "float16": Tolerances(component=0.012, pipeline=0.004),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +103,15 @@ def _nhwc(x) -> jax.Array:
 
 
 def compare_unet(
-    folder: Path, resolution: int, batch: int, seed: int, tolerance: float
+    folder: Path,
+    resolution: int,
+    batch: int,
+    seed: int,
+    tolerance: float,
+    dtype: str = "float32",
 ) -> list[Comparison]:
-    """eps prediction on random latents, timesteps and text states at ``resolution`` px."""
+    """eps prediction on random latents, timesteps and text states at ``resolution`` px; ours
+    with params and compute in ``dtype``."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -93,7 +126,7 @@ def compare_unet(
         expected = reference(sample, timesteps, context).sample.numpy()
     del reference
     gc.collect()
-    ours = load_component(folder, "unet")
+    ours = load_component(folder, "unet", dtype=dtype, compute_dtype=dtype)
     apply = jit(ours.module.apply)
     out = apply(
         {"params": ours.params},
@@ -135,9 +168,10 @@ def compare_vae(
 
 
 def compare_text_encoder(
-    folder: Path, prompts: Sequence[str], tolerance: float
+    folder: Path, prompts: Sequence[str], tolerance: float, dtype: str = "float32"
 ) -> list[Comparison]:
-    """Last hidden state, pooled output and penultimate layer (SD-2's) on tokenized prompts."""
+    """Last hidden state, pooled output and penultimate layer (SD-2's) on tokenized prompts;
+    ours with params and compute in ``dtype``."""
     import torch
     from transformers import CLIPTextModel as TorchCLIPTextModel
 
@@ -147,7 +181,7 @@ def compare_text_encoder(
         expected = reference(torch.as_tensor(ids, dtype=torch.long), output_hidden_states=True)
     del reference
     gc.collect()
-    ours = load_component(folder, "text_encoder")
+    ours = load_component(folder, "text_encoder", dtype=dtype, compute_dtype=dtype)
     apply = jit(ours.module.apply, static_argnames="output_hidden_states")
     out = apply({"params": ours.params}, jnp.asarray(ids), output_hidden_states=True)
     return [
@@ -193,11 +227,12 @@ def edit_both(
     text_scale: float = 7.5,
     image_scale: float = 1.5,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The same edit by diffusers' StableDiffusionInstructPix2PixPipeline and by ours:
-    identical initial latents and per-step noise (diffusers draws it from its generator in
-    turn; a twin generator with the same seed hands our sampler the same numbers).
-    Returns (ours, diffusers') images [B, H, W, 3] in [0, 1]."""
+    """The same edit by diffusers' StableDiffusionInstructPix2PixPipeline (float32) and by
+    ours (computing in ``dtype``): identical initial latents and per-step noise (diffusers
+    draws it from its generator in turn; a twin generator with the same seed hands our
+    sampler the same numbers). Returns (ours, diffusers') images [B, H, W, 3] in [0, 1]."""
     import diffusers
     import torch
 
@@ -230,7 +265,7 @@ def edit_both(
         ).images
     del reference
     gc.collect()
-    ours = EditPipeline.from_pretrained(folder)
+    ours = EditPipeline.from_pretrained(folder, dtype=dtype)
     pixels = np.stack([np.asarray(image, np.float32) / 127.5 - 1] * batch)
     edited = ours.edit_arrays(
         pixels,
@@ -251,8 +286,10 @@ def compare_pipeline(
     seed: int,
     steps: int = 4,
     samplers: Sequence[str] = ("euler_ancestral", "euler", "ddim"),
+    dtype: str = "float32",
 ) -> list[Comparison]:
-    """Whole edits against diffusers, per sampler: mean abs difference <= 1/255."""
+    """Whole edits against diffusers' float32 ones, per sampler: mean abs difference on
+    [0, 1] images within ``TOLERANCES[dtype].pipeline`` (1/255 in float32)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -260,9 +297,10 @@ def compare_pipeline(
     rows = []
     for sampler in samplers:
         ours, expected = edit_both(
-            folder, sampler, image, ["make it snowy"], steps=steps, seed=seed
+            folder, sampler, image, ["make it snowy"], steps=steps, seed=seed, dtype=dtype
         )
-        rows.append(_compare("pipeline", sampler, ours, expected, 1 / 255, metric="mean"))
+        bound = TOLERANCES[dtype].pipeline
+        rows.append(_compare("pipeline", sampler, ours, expected, bound, metric="mean"))
     return rows
 
 
@@ -273,12 +311,20 @@ def run_parity(
     resolution: int = 256,
     batch: int = 2,
     seed: int = 0,
-    tolerance: float = 1e-3,
+    tolerance: float | None = None,
     prompts: Sequence[str] = DEFAULT_PROMPTS,
     pipeline: bool = False,
+    dtype: str = "float32",
 ) -> list[Comparison]:
-    """Compares each component of a diffusers folder with the PyTorch reference, in float32."""
+    """Compares each component of a diffusers folder with the float32 PyTorch reference, ours
+    computing the UNet and text encoder in ``dtype`` (the VAE in float32); ``tolerance``
+    bounds each component output's max abs error (default: ``TOLERANCES[dtype]``, and
+    float32's for the VAE)."""
     folder = Path(folder)
+    if dtype not in TOLERANCES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(TOLERANCES)}")
+    low = TOLERANCES[dtype].component if tolerance is None else tolerance
+    exact = TOLERANCES["float32"].component if tolerance is None else tolerance
     if resolution % 8:
         raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
     if unknown := set(components) - set(COMPONENT_NAMES):
@@ -288,13 +334,13 @@ def run_parity(
             raise FileNotFoundError(f"{folder} has no {name}/config.json (a diffusers folder?)")
     results: list[Comparison] = []
     if "unet" in components:
-        results += compare_unet(folder, resolution, batch, seed, tolerance)
+        results += compare_unet(folder, resolution, batch, seed, low, dtype)
     if "vae" in components:
-        results += compare_vae(folder, resolution, batch, seed, tolerance)
+        results += compare_vae(folder, resolution, batch, seed, exact)
     if "text_encoder" in components:
-        results += compare_text_encoder(folder, prompts, tolerance)
+        results += compare_text_encoder(folder, prompts, low, dtype)
     if pipeline:
-        results += compare_pipeline(folder, resolution, seed)
+        results += compare_pipeline(folder, resolution, seed, dtype=dtype)
     return results
 
 

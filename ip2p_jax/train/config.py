@@ -95,6 +95,7 @@ class RuntimeConfig:
     tune_malloc: bool | None = None
     optimizer_update: str | None = None  # "leafwise" or "fused"
     unroll_grad_accum: bool | None = None
+    attention_kernel: str | None = None  # models.attention.KERNELS: "blockwise", "cudnn", ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,9 @@ class TrainConfig:
     steps: int = 1000
     prediction_type: str = "epsilon"  # or "v_prediction"
     ema_decay: float = 0.9999  # 0 disables; warmed up as min(decay, (1+n)/(10+n))
-    compute_dtype: str = "float32"  # "bfloat16": bf16 compute, fp32 master weights
+    # "float32" or "bfloat16" (bf16 compute on fp32 master weights); None: the backend's
+    # (float32 on a CPU, bfloat16 on GPUs and TPUs; runtime.profile).
+    compute_dtype: str | None = None
     # Rematerialise each UNet ResNet block and transformer in the backward pass, saving what
     # this jax.checkpoint policy saves (models.unet.REMAT_POLICIES: "nothing_saveable",
     # "dots_saveable", ...); "" none. A run written when this was a bool reads True as

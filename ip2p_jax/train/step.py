@@ -45,7 +45,8 @@ from ip2p_jax.train.optim import (
 )
 from ip2p_jax.weights.model_folder import LoadedComponent
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The compute dtypes a train step takes (float16 would need loss scaling).
+TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @struct.dataclass
@@ -156,9 +157,12 @@ def training_profile(runtime: RuntimeConfig) -> BackendProfile:
     return current_profile(**dataclasses.asdict(runtime))
 
 
-def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
-    """Checks the config (batch against the mesh, remat policy, runtime overrides), runs the
-    models as the backend profile says, encodes the null prompt, places the frozen params."""
+def _prepared_models(
+    config: TrainConfig, models: ModelSet, mesh: Mesh
+) -> tuple[ModelSet, BackendProfile]:
+    """Checks the config (batch against the mesh, remat policy, compute dtype, runtime
+    overrides) and runs the models as the backend profile says; returns them with the
+    schedule the config trains and the profile."""
     devices = mesh.devices.size
     per_step = config.batch_size // config.grad_accum
     if config.batch_size % config.grad_accum or per_step % devices:
@@ -166,20 +170,33 @@ def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
             f"batch_size {config.batch_size} must split into grad_accum {config.grad_accum} "
             f"micro-batches that divide over {devices} devices"
         )
-    if config.compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
     remat_policy(config.remat)  # an unknown name fails here, naming the choices
     profile = training_profile(config.runtime)
+    dtype = config.compute_dtype or profile.compute_dtype
+    if dtype not in TRAIN_COMPUTE_DTYPES:
+        raise ValueError(
+            f"compute_dtype={dtype!r}: a train step computes in one of {TRAIN_COMPUTE_DTYPES}"
+        )
     if models.vae is None:
         raise ValueError("no VAE: set model.vae, model.vae_from or model.init_from")
     if config.data.cache_latents:
         check_cacheable(config.data)
-    for component in (models.unet, models.vae, models.text_encoder):
-        component.use_profile(profile)  # the config's conv lowering, if it overrides it
+    # The UNet and text encoder compute in the compute dtype on their float32 master weights;
+    # the frozen VAE in float32. Kernel and conv lowering: the profile's, with the config's
+    # overrides.
+    models.unet.use_profile(profile, dtype)
+    models.text_encoder.use_profile(profile, dtype)
+    models.vae.use_profile(profile, "float32")
     # The model predicts what the config trains it to, whatever the loaded scheduler said:
     # validation edits and the exported scheduler config must sample it that way.
     schedule = dataclasses.replace(models.schedule, prediction_type=config.prediction_type)
-    models = dataclasses.replace(models, schedule=schedule)
+    return dataclasses.replace(models, schedule=schedule), profile
+
+
+def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
+    """Checks the config, runs the models as the backend profile says (see
+    `_prepared_models`), encodes the null prompt, places the frozen params."""
+    models, profile = _prepared_models(config, models, mesh)
     replicated = sharding.replicated(mesh)
     memory.move_to_devices(models.vae, replicated)  # in place: no host copy stays behind
     frozen = {
@@ -195,6 +212,28 @@ def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
         memory.move_to_devices(text, replicated)
         frozen["text"] = text.params
         frozen["null_text"] = jax.device_put(null_text, replicated)
+    optimizer = make_optimizer(config.optim, config.steps)
+    return Trainer(config, models, mesh, optimizer, frozen, profile)
+
+
+def abstract_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
+    """A trainer whose models' params are shapes only (``jax.ShapeDtypeStruct`` trees), as
+    are its frozen inputs: for lowering and inspecting the step program of a model too large
+    to hold, or for another platform (scripts/check_lowering.py). It cannot step."""
+    models, profile = _prepared_models(config, models, mesh)
+    null_ids = jnp.asarray(models.tokenizer([""]))
+    alphas = models.schedule.alphas_cumprod()
+    frozen = {
+        "vae": models.vae.params,
+        "alphas_cumprod": jax.ShapeDtypeStruct(alphas.shape, alphas.dtype),
+    }
+    text = models.text_encoder
+    if config.model.train_text_encoder:
+        frozen["null_ids"] = jax.ShapeDtypeStruct(null_ids.shape, null_ids.dtype)
+    else:
+        encode = lambda params: text.module.apply({"params": params}, null_ids)
+        frozen["text"] = text.params
+        frozen["null_text"] = jax.eval_shape(encode, text.params).last_hidden_state
     optimizer = make_optimizer(config.optim, config.steps)
     return Trainer(config, models, mesh, optimizer, frozen, profile)
 
@@ -234,7 +273,6 @@ def _encode_images(trainer: Trainer, frozen: dict, batch: dict, key: jax.Array):
 
 def _micro_loss(trainer: Trainer, params, frozen: dict, micro: dict, key: jax.Array):
     config = trainer.config
-    dtype = COMPUTE_DTYPES[config.compute_dtype]
     keys = jax.random.split(key, 4)
     text, null_text = _text_states(trainer, params, frozen, micro["input_ids"])
     latents, image_latent = _encode_images(trainer, frozen, micro, keys[0])
@@ -242,12 +280,12 @@ def _micro_loss(trainer: Trainer, params, frozen: dict, micro: dict, key: jax.Ar
     noise = jax.random.normal(keys[1], latents.shape, latents.dtype)
     timesteps = jax.random.randint(keys[2], (batch,), 0, frozen["alphas_cumprod"].shape[0])
     draw = jax.random.uniform(keys[3], (batch,))
-    # Remat per block for training only: validation edits sample with the plain module.
+    # Remat per block for training only: validation edits sample with the plain module. The
+    # module computes in the compute dtype (its Execution) on the float32 master weights.
     unet = trainer.models.unet.module.clone(remat_policy=config.remat)
-    cast = jax.tree.map(lambda p: p.astype(dtype), params["unet"])
 
     def denoise(x, t, context):
-        return unet.apply({"params": cast}, x.astype(dtype), t, context.astype(dtype))
+        return unet.apply({"params": params["unet"]}, x, t, context)
 
     return diffusion_loss(
         denoise,

@@ -119,23 +119,18 @@ def param_dtype(dtype: str | np.dtype) -> np.dtype:
     return PARAM_DTYPES[name]
 
 
-def _lowering(module_class: type[nn.Module], profile: BackendProfile) -> dict[str, Any]:
-    """The fields of ``module_class`` that the backend profile sets (the conv lowering of the
-    modules that have convolutions)."""
-    names = {field.name for field in dataclasses.fields(module_class)}
-    if "conv_patches_max_rows" not in names:
-        return {}
-    return {"conv_patches_max_rows": profile.conv_patches_max_rows}
-
-
 def build_module(
-    component: Component, config: Any, profile: BackendProfile | None = None
+    component: Component,
+    config: Any,
+    profile: BackendProfile | None = None,
+    compute_dtype: str | None = None,
 ) -> nn.Module:
-    """``component``'s module for ``config``, its convolutions lowered as ``profile``
-    (default: the running backend's, runtime.profile) says. The lowering changes neither the
-    params nor the numbers (beyond float rounding), only the speed."""
+    """``component``'s module for ``config``, run as ``profile`` (default: the running
+    backend's, runtime.profile) says: its attention kernel and convolution lowering, in
+    ``compute_dtype`` (default: the profile's). None of it changes the params, and only the
+    compute dtype changes the numbers beyond float rounding."""
     profile = profile or current_profile()
-    return component.module_class(config, **_lowering(component.module_class, profile))
+    return component.module_class(config, execution=profile.execution(compute_dtype))
 
 
 @dataclasses.dataclass
@@ -147,11 +142,16 @@ class LoadedComponent:
     module: nn.Module
     params: dict
 
-    def use_profile(self, profile: BackendProfile) -> None:
-        """Lowers the module's convolutions as ``profile`` says (in place; the params stay)."""
-        fields = _lowering(type(self.module), profile)
-        if fields:
-            self.module = self.module.clone(**fields)
+    def use_profile(self, profile: BackendProfile, compute_dtype: str | None = None) -> None:
+        """Runs the module as ``profile`` says (attention kernel, convolution lowering), in
+        ``compute_dtype`` (default: the module's own); in place, the params stay."""
+        dtype = compute_dtype or self.module.execution.dtype
+        self.module = self.module.clone(execution=profile.execution(dtype))
+
+    def use_attention(self, kernel: str) -> None:
+        """Runs the module's attention with the kernel named ``kernel`` (in place)."""
+        execution = self.module.execution.replace(attention=kernel)
+        self.module = self.module.clone(execution=execution)
 
 
 def abstract_params(component: Component, config: Any) -> dict:
@@ -196,13 +196,15 @@ def load_component(
     in_channels: int | None = None,
     dtype: str | np.dtype | None = "float32",
     profile: BackendProfile | None = None,
+    compute_dtype: str | None = None,
 ) -> LoadedComponent:
     """Loads one component from a diffusers folder or our checkpoint.
 
     ``dtype`` casts the params (``"float32"``, ``"bfloat16"``, ``"float16"``; None keeps
     the stored dtype). ``in_channels`` widens a UNet's conv_in (4 -> 8 for InstructPix2Pix):
     new channels zero, pretrained weights and bias kept. The module runs as ``profile``
-    says (default: the running backend's, see :func:`build_module`).
+    says (default: the running backend's, see :func:`build_module`), computing in
+    ``compute_dtype`` (default: the profile's).
     """
     if name not in COMPONENTS:
         raise ValueError(f"unknown component {name!r}; choose from {sorted(COMPONENTS)}")
@@ -237,17 +239,23 @@ def load_component(
         params = widen_conv_in(params, in_channels)
         config = dataclasses.replace(config, in_channels=in_channels)
         raw = {**raw, "in_channels": in_channels}
-    return LoadedComponent(config, raw, build_module(component, config, profile), params)
+    module = build_module(component, config, profile, compute_dtype)
+    return LoadedComponent(config, raw, module, params)
 
 
 def init_component(
-    name: str, raw_config: dict, seed: int, profile: BackendProfile | None = None
+    name: str,
+    raw_config: dict,
+    seed: int,
+    profile: BackendProfile | None = None,
+    compute_dtype: str | None = None,
 ) -> LoadedComponent:
-    """A component with random weights (flax's default initialisers) from a config dict; its
-    module runs as ``profile`` says (default: the running backend's)."""
+    """A component with random float32 weights (flax's default initialisers) from a config
+    dict; its module runs as ``profile`` says (default: the running backend's), computing in
+    ``compute_dtype`` (default: the profile's)."""
     component = COMPONENTS[name]
     config = component.config_class.from_dict(raw_config, source=f"model.{name}")
-    module = build_module(component, config, profile)
+    module = build_module(component, config, profile, compute_dtype)
     inputs = component.example_inputs(config)
     params = jax.jit(module.init)(jax.random.key(seed), *inputs)["params"]
     return LoadedComponent(config, dict(raw_config), module, params)

@@ -20,8 +20,10 @@ from ip2p_jax.apps.shipped import (
 
 # ip2p_jax.diffusion.samplers.SAMPLERS' names, written out: importing it would load JAX for --help.
 SAMPLER_NAMES = ("euler_ancestral", "euler", "ddim", "dpmpp_2m")
-# The dtypes a checkpoint's params can be stored or loaded in.
+# The dtypes a checkpoint's params can be stored or loaded in, and models compute in.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# ip2p_jax.models.attention.KERNELS' names, written out for the same reason.
+ATTENTION_NAMES = ("blockwise", "cudnn", "dot_product", "pallas_tpu")
 
 
 def comma_floats(text: str) -> list[float]:
@@ -60,6 +62,27 @@ def add_sampler_argument(parser: argparse.ArgumentParser, default: str | None = 
 def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-scale", type=float, help=f"s_T ({_default_help('text_scale')})")
     parser.add_argument("--image-scale", type=float, help=f"s_I ({_default_help('image_scale')})")
+
+
+def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --attention: how the models compute (None: the backend's choice)."""
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        help="UNet and text encoder params and compute dtype (default: float32 on a CPU, "
+        "bfloat16 on GPUs and TPUs; the VAE and the sampler stay float32)",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_NAMES,
+        help="attention kernel (default: the backend's: blockwise on a CPU, cudnn on GPUs, "
+        "pallas_tpu on TPUs)",
+    )
+
+
+def precision_options(args: argparse.Namespace) -> dict:
+    """``from_pretrained``'s keywords from :func:`add_precision_arguments`' options."""
+    return {"dtype": args.dtype, "attention": args.attention}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from ip2p_jax.apps.cli.arguments import (
     add_model_argument,
+    add_precision_arguments,
     add_sampling_arguments,
     add_scale_arguments,
     comma_floats,
     fill_model_defaults,
+    precision_options,
 )
 
 
@@ -60,7 +62,7 @@ def _edit(args: argparse.Namespace) -> int:
                 args.image_scale,
             )
         ]
-    pipe = EditPipeline.from_pretrained(args.model)
+    pipe = EditPipeline.from_pretrained(args.model, **precision_options(args))
     edited, skipped = run_jobs(
         pipe,
         jobs,
@@ -80,7 +82,7 @@ def _grid(args: argparse.Namespace) -> int:
 
     image = load_image(args.image)
     fill_model_defaults(args)
-    pipe = EditPipeline.from_pretrained(args.model)
+    pipe = EditPipeline.from_pretrained(args.model, **precision_options(args))
     sheet = scale_grid(
         pipe,
         image,
@@ -106,6 +108,7 @@ def _app(args: argparse.Namespace) -> int:
         share=args.share,
         resolution=args.resolution,
         steps=args.steps,
+        **precision_options(args),
     )
     return 0
 
@@ -129,6 +132,7 @@ def _add_edit_parser(commands) -> None:
     edit.add_argument("--manifest", type=Path, help="JSON lines: image, instruction, ...")
     edit.add_argument("--out-dir", type=Path, help="output folder for --manifest")
     edit.add_argument("--batch-size", type=int, default=4)
+    add_precision_arguments(edit)
     add_scale_arguments(edit)
     edit.set_defaults(run=_edit)
 
@@ -141,6 +145,7 @@ def _add_grid_parser(commands) -> None:
     grid.add_argument("--out", type=Path, required=True)
     grid.add_argument("--text-scales", type=comma_floats, default=[3.0, 5.0, 7.5, 10.0])
     grid.add_argument("--image-scales", type=comma_floats, default=[1.0, 1.2, 1.5, 2.0])
+    add_precision_arguments(grid)
     grid.set_defaults(run=_grid)
 
 
@@ -152,6 +157,7 @@ def _add_app_parser(commands) -> None:
     app.add_argument("--share", action="store_true", help="a public gradio.live link")
     app.add_argument("--resolution", type=int, help="long side (default: the model's)")
     app.add_argument("--steps", type=int, help="default steps (default: the model's)")
+    add_precision_arguments(app)
     app.set_defaults(run=_app)
 
 

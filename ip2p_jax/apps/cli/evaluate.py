@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 from ip2p_jax.apps.cli.arguments import (
-    DTYPE_NAMES,
     add_model_argument,
+    add_precision_arguments,
     add_sampler_argument,
     add_scale_arguments,
     add_steps_argument,
     comma_floats,
     fill_model_defaults,
+    precision_options,
 )
 from ip2p_jax.apps.shipped import REFERENCE_SAMPLING
 from ip2p_jax.evaluation.sweep import DEFAULT_STRENGTHS, PAPER_IMAGE_SCALES, PAPER_TEXT_SCALES
@@ -39,7 +40,7 @@ def _run_shapes(args: argparse.Namespace) -> int:
         "image_scale": args.image_scale,
         "sampler": args.sampler,
     }
-    pipe = EditPipeline.from_pretrained(args.model)
+    pipe = EditPipeline.from_pretrained(args.model, **precision_options(args))
     table, results = evaluate_shapes(
         pipe,
         num=args.num,
@@ -75,6 +76,7 @@ def _add_shapes_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampler_argument(parser)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    add_precision_arguments(parser)
     parser.add_argument(
         "--train-phrasing",
         action="store_true",
@@ -113,7 +115,7 @@ def _add_edits_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=256, help="square side, pixels")
     parser.add_argument("--seed", type=int, default=0, help="example k is edited with seed + k")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="params")
+    add_precision_arguments(parser)
     parser.add_argument(
         "--sdedit", help="also run SDEdit with this 4-channel text-to-image SD model folder"
     )
@@ -176,14 +178,15 @@ def run_edits(args: argparse.Namespace) -> int:
 
     from ip2p_jax.pipelines.edit import EditPipeline
 
-    pipe = EditPipeline.from_pretrained(args.model, dtype=args.dtype)
+    pipe = EditPipeline.from_pretrained(args.model, **precision_options(args))
+    execution = pipe.unet.module.execution  # the dtype and kernel the backend chose
     results = [run(sweep.IP2P, sweep.ip2p_editor(pipe, steps=args.steps, sampler=args.sampler))]
     del pipe  # one model in memory at a time
     gc.collect()
     if args.sdedit:
         from ip2p_jax.pipelines.sdedit import SDEditPipeline
 
-        sd = SDEditPipeline.from_pretrained(args.sdedit, dtype=args.dtype)
+        sd = SDEditPipeline.from_pretrained(args.sdedit, **precision_options(args))
         results.append(
             run(sweep.SDEDIT, sweep.sdedit_editor(sd, steps=args.steps, sampler=args.sampler))
         )
@@ -206,7 +209,8 @@ def run_edits(args: argparse.Namespace) -> int:
         "clip": str(args.clip),
         "dino": args.dino and str(args.dino),
         "sdedit": args.sdedit and str(args.sdedit),
-        "dtype": args.dtype,
+        "dtype": execution.dtype,
+        "attention": execution.attention,
     }
     out = Path(args.out)
     metrics, plot, grid = out / "metrics.json", out / "plot.png", out / "grid.png"

@@ -61,6 +61,7 @@ def _parity(args: argparse.Namespace) -> int:
         seed=args.seed,
         tolerance=args.tolerance,
         pipeline=args.pipeline,
+        dtype=args.dtype,
     )
     if args.json:
         print(
@@ -131,7 +132,16 @@ def add_parsers(commands) -> None:
     parity.add_argument("--batch", type=int, default=2)
     parity.add_argument("--seed", type=int, default=0)
     parity.add_argument(
-        "--tolerance", type=float, default=1e-3, help="max abs error allowed per output"
+        "--tolerance",
+        type=float,
+        help="max abs error allowed per component output (default: the dtype's bound, "
+        "1e-3 in float32; ip2p_jax.testing.parity.TOLERANCES)",
+    )
+    parity.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPE_NAMES,
+        help="our UNet's and text encoder's params and compute dtype (the reference: float32)",
     )
     parity.add_argument("--json", action="store_true", help="machine-readable output")
     parity.add_argument(
