@@ -96,6 +96,12 @@ ship-shapes: setup
 		--dtype float16 --overwrite
 	cp $(RUNS)/shapes_model_card.md ip2p_jax/assets/shapes_model/README.md
 
+# The lent GPU's one command (no setup: that machine has no network; tests/gpu/conftest.py,
+# scripts/device_check.sh). DEVICE_CHECK_ARGS=--cpu runs it at tiny size on this CPU.
+.PHONY: device-check
+device-check:
+	bash scripts/device_check.sh $(DEVICE_CHECK_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -94,6 +94,17 @@ def _compare(
     )
 
 
+def _release_torch_memory(torch) -> None:
+    """Frees the dropped reference's memory (torch's CUDA cache too) before ours computes."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _host(tensor) -> np.ndarray:
+    return tensor.float().cpu().numpy()
+
+
 def _nchw(x) -> np.ndarray:
     return np.asarray(x).transpose(0, 3, 1, 2)
 
@@ -109,13 +120,14 @@ def compare_unet(
     seed: int,
     tolerance: float,
     dtype: str = "float32",
+    device: str = "cpu",
 ) -> list[Comparison]:
     """eps prediction on random latents, timesteps and text states at ``resolution`` px; ours
-    with params and compute in ``dtype``."""
+    with params and compute in ``dtype``, the reference in float32 on torch's ``device``."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    reference = UNet2DConditionModel.from_pretrained(folder / "unet").float().eval()
+    reference = UNet2DConditionModel.from_pretrained(folder / "unet").float().eval().to(device)
     cfg = reference.config
     side = resolution // 8
     g = torch.Generator().manual_seed(seed)
@@ -123,9 +135,10 @@ def compare_unet(
     timesteps = torch.randint(0, 1000, (batch,), generator=g).float()
     context = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g)
     with torch.no_grad():
-        expected = reference(sample, timesteps, context).sample.numpy()
+        inputs = (t.to(device) for t in (sample, timesteps, context))
+        expected = _host(reference(*inputs).sample)
     del reference
-    gc.collect()
+    _release_torch_memory(torch)
     ours = load_component(folder, "unet", dtype=dtype, compute_dtype=dtype)
     apply = jit(ours.module.apply)
     out = apply(
@@ -138,23 +151,24 @@ def compare_unet(
 
 
 def compare_vae(
-    folder: Path, resolution: int, batch: int, seed: int, tolerance: float
+    folder: Path, resolution: int, batch: int, seed: int, tolerance: float, device: str = "cpu"
 ) -> list[Comparison]:
-    """Posterior mean and logvar of random images; decoding of the posterior mean."""
+    """Posterior mean and logvar of random images; decoding of the posterior mean. Both in
+    float32 (the reference on torch's ``device``)."""
     import torch
     from diffusers import AutoencoderKL as TorchAutoencoderKL
 
-    reference = TorchAutoencoderKL.from_pretrained(folder / "vae").float().eval()
+    reference = TorchAutoencoderKL.from_pretrained(folder / "vae").float().eval().to(device)
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, reference.config.in_channels, resolution, resolution, generator=g)
     images = images * 2 - 1
     with torch.no_grad():
-        posterior = reference.encode(images).latent_dist
-        decoded = reference.decode(posterior.mean).sample.numpy()
-    mean, logvar = posterior.mean.numpy(), posterior.logvar.numpy()
+        posterior = reference.encode(images.to(device)).latent_dist
+        decoded = _host(reference.decode(posterior.mean).sample)
+    mean, logvar = _host(posterior.mean), _host(posterior.logvar)
     del reference, posterior
-    gc.collect()
-    ours = load_component(folder, "vae")
+    _release_torch_memory(torch)
+    ours = load_component(folder, "vae", compute_dtype="float32")
     variables = {"params": ours.params}
     encode = jit(lambda v, x: ours.module.apply(v, x, method=AutoencoderKL.encode))
     decode = jit(lambda v, z: ours.module.apply(v, z, method=AutoencoderKL.decode))
@@ -168,45 +182,40 @@ def compare_vae(
 
 
 def compare_text_encoder(
-    folder: Path, prompts: Sequence[str], tolerance: float, dtype: str = "float32"
+    folder: Path,
+    prompts: Sequence[str],
+    tolerance: float,
+    dtype: str = "float32",
+    device: str = "cpu",
 ) -> list[Comparison]:
     """Last hidden state, pooled output and penultimate layer (SD-2's) on tokenized prompts;
-    ours with params and compute in ``dtype``."""
+    ours with params and compute in ``dtype``, the reference in float32 on torch's
+    ``device``."""
     import torch
     from transformers import CLIPTextModel as TorchCLIPTextModel
 
     reference = TorchCLIPTextModel.from_pretrained(folder / "text_encoder").float().eval()
+    reference = reference.to(device)
     ids = CLIPTokenizer.from_folder(folder / "tokenizer")(list(prompts))
     with torch.no_grad():
-        expected = reference(torch.as_tensor(ids, dtype=torch.long), output_hidden_states=True)
-    del reference
-    gc.collect()
+        tokens = torch.as_tensor(ids, dtype=torch.long, device=device)
+        outputs = reference(tokens, output_hidden_states=True)
+        expected = {
+            "last_hidden_state": _host(outputs.last_hidden_state),
+            "pooler_output": _host(outputs.pooler_output),
+            "hidden_states[-2]": _host(outputs.hidden_states[-2]),
+        }
+    del reference, outputs
+    _release_torch_memory(torch)
     ours = load_component(folder, "text_encoder", dtype=dtype, compute_dtype=dtype)
     apply = jit(ours.module.apply, static_argnames="output_hidden_states")
     out = apply({"params": ours.params}, jnp.asarray(ids), output_hidden_states=True)
-    return [
-        _compare(
-            "text_encoder",
-            "last_hidden_state",
-            out.last_hidden_state,
-            expected.last_hidden_state.numpy(),
-            tolerance,
-        ),
-        _compare(
-            "text_encoder",
-            "pooler_output",
-            out.pooler_output,
-            expected.pooler_output.numpy(),
-            tolerance,
-        ),
-        _compare(
-            "text_encoder",
-            "hidden_states[-2]",
-            out.hidden_states[-2],
-            expected.hidden_states[-2].numpy(),
-            tolerance,
-        ),
-    ]
+    got = {
+        "last_hidden_state": out.last_hidden_state,
+        "pooler_output": out.pooler_output,
+        "hidden_states[-2]": out.hidden_states[-2],
+    }
+    return [_compare("text_encoder", k, got[k], expected[k], tolerance) for k in expected]
 
 
 PIPELINE_SCHEDULERS = {

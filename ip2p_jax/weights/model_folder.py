@@ -204,7 +204,7 @@ def load_component(
     the stored dtype). ``in_channels`` widens a UNet's conv_in (4 -> 8 for InstructPix2Pix):
     new channels zero, pretrained weights and bias kept. The module runs as ``profile``
     says (default: the running backend's, see :func:`build_module`), computing in
-    ``compute_dtype`` (default: the profile's).
+    ``compute_dtype`` (default: ``dtype``, the params'; the profile's when that is None).
     """
     if name not in COMPONENTS:
         raise ValueError(f"unknown component {name!r}; choose from {sorted(COMPONENTS)}")
@@ -239,6 +239,7 @@ def load_component(
         params = widen_conv_in(params, in_channels)
         config = dataclasses.replace(config, in_channels=in_channels)
         raw = {**raw, "in_channels": in_channels}
+    compute_dtype = compute_dtype or (dtype.name if dtype is not None else None)
     module = build_module(component, config, profile, compute_dtype)
     return LoadedComponent(config, raw, module, params)
 
@@ -252,10 +253,10 @@ def init_component(
 ) -> LoadedComponent:
     """A component with random float32 weights (flax's default initialisers) from a config
     dict; its module runs as ``profile`` says (default: the running backend's), computing in
-    ``compute_dtype`` (default: the profile's)."""
+    ``compute_dtype`` (default: float32, the weights')."""
     component = COMPONENTS[name]
     config = component.config_class.from_dict(raw_config, source=f"model.{name}")
-    module = build_module(component, config, profile, compute_dtype)
+    module = build_module(component, config, profile, compute_dtype or "float32")
     inputs = component.example_inputs(config)
     params = jax.jit(module.init)(jax.random.key(seed), *inputs)["params"]
     return LoadedComponent(config, dict(raw_config), module, params)
