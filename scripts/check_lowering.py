@@ -1,6 +1,8 @@
 """Proves, on any machine (this CPU too), that ip2p-jax's programs lower for TPU and CUDA:
 the SD-1.5-architecture sampling program (512 px, batch 2, the three guidance rows, bf16) and
-train step (256 px, bf16, over a device mesh), traced with shapes only (no weights) and
+train step (256 px, bf16, over a ('data', 'fsdp') mesh of simulated devices, 4 x 2 by
+default: the FSDP-sharded weights and their collectives are in the program), traced with
+shapes only (no weights) and
 lowered with ``lowering_platforms``. For each it asserts that no CPU-only custom call is in
 the program and that the chosen attention kernel is (Pallas' ``tpu_custom_call`` on TPU,
 cuDNN's fused attention on CUDA where cuDNN is present), and prints its FLOPs.
@@ -25,8 +27,27 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
+
+def _simulated_devices(argv: list[str]) -> None:
+    """This CPU shows --devices N devices (default 8), for a mesh like a pod slice's. It must
+    be set before JAX starts its backend, so it is read here, before jax is imported."""
+    import os
+
+    count = DEFAULT_DEVICES
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "--devices":
+            count = int(value)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
+
+
+DEFAULT_DEVICES = 8
+if __name__ == "__main__":
+    _simulated_devices(sys.argv[1:])
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -91,6 +112,7 @@ class Report:
     custom_calls: dict[str, int]
     attention_calls: int
     kernel_calls: int  # the attention calls the kernel takes (the rest: XLA's)
+    partitions: int  # the devices the program is partitioned over
     problems: list[str]
     note: str = ""
 
@@ -102,6 +124,7 @@ class Report:
         return (
             f"{self.program:<6} {self.platform:<5} {self.kernel:<11} "
             f"{self.kernel_calls}/{self.attention_calls} attention calls  {flops:>15}  "
+            f"on {self.partitions} device(s)  "
             f"lowered in {self.seconds:5.1f} s  custom calls: {calls}  {status}{note}"
         )
 
@@ -116,15 +139,28 @@ def custom_calls(text: str) -> dict[str, int]:
     return counts
 
 
-def check(program: str, platform: str, kernel: str, lower: Callable, note: str = "") -> Report:
+def check(
+    program: str,
+    platform: str,
+    kernel: str,
+    lower: Callable,
+    note: str = "",
+    partitions: int = 1,
+) -> Report:
     """Lowers one program (``lower()`` returns a jax Lowered) and checks its custom calls: none
-    CPU-only, the kernel's wherever its rule takes an attention call, no other kernel's."""
+    CPU-only, the kernel's wherever its rule takes an attention call, no other kernel's; and
+    that it is partitioned over ``partitions`` devices."""
     start = time.perf_counter()
     with attention_calls(kernel) as taken:
         lowered = lower()
     seconds = time.perf_counter() - start
-    calls = custom_calls(lowered.as_text())
+    text = lowered.as_text()
+    calls = custom_calls(text)
     problems = [f"CPU-only custom call {name}" for name in calls if CPU_ONLY.match(name)]
+    found = re.search(r"mhlo\.num_partitions = (\d+)", text)
+    lowered_partitions = int(found.group(1)) if found else 1
+    if lowered_partitions != partitions:
+        problems.append(f"partitioned over {lowered_partitions} devices, not {partitions}")
     expected = KERNEL_CALLS.get(kernel)
     present = expected is not None and any(expected.search(name) for name in calls)
     if any(taken) and not present:
@@ -139,7 +175,17 @@ def check(program: str, platform: str, kernel: str, lower: Callable, note: str =
     except Exception:  # some platforms' lowerings offer no cost analysis
         flops = None
     return Report(
-        program, platform, kernel, seconds, flops, calls, len(taken), sum(taken), problems, note
+        program,
+        platform,
+        kernel,
+        seconds,
+        flops,
+        calls,
+        len(taken),
+        sum(taken),
+        lowered_partitions,
+        problems,
+        note,
     )
 
 
@@ -201,11 +247,17 @@ def lower_sampling(
 
 
 def lower_train_step(
-    platform: str, kernel: str, size: str, resolution: int, batch: int, dtype: str
+    platform: str,
+    kernel: str,
+    size: str,
+    resolution: int,
+    batch: int,
+    dtype: str,
+    fsdp: int = 1,
 ) -> Callable:
-    """One optimizer step (train.step) for ``platform`` over this machine's devices as a
-    data-parallel mesh: bf16 compute on float32 master weights, the frozen VAE and text
-    encoder, AdamW and the EMA."""
+    """One optimizer step (train.step) for ``platform`` over this process's devices as a
+    ('data', 'fsdp') mesh with ``fsdp`` devices per FSDP group: bf16 compute on float32
+    master weights, the frozen VAE and text encoder, AdamW and the EMA."""
     profile = profile_for(PROFILE_OF[platform], attention_kernel=kernel)
     preset = PRESETS[size]
     models = ModelSet(
@@ -222,9 +274,11 @@ def lower_train_step(
         unroll_grad_accum=profile.unroll_grad_accum,
         compiler_options={},
     )
-    config = TrainConfig(model=ModelConfig(), batch_size=batch, compute_dtype=dtype, steps=10)
+    config = TrainConfig(
+        model=ModelConfig(), batch_size=batch, compute_dtype=dtype, steps=10, fsdp=fsdp
+    )
     config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, **runtime))
-    mesh = make_mesh()
+    mesh = make_mesh(fsdp)
     trainer = abstract_trainer(config, models, mesh)
     state = trainer.abstract_state()
     pixels = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
@@ -246,21 +300,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="sd15", choices=["sd15", "tiny"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--attention", help="a kernel for every platform (default: each one's)")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=DEFAULT_DEVICES,
+        help="simulated CPU devices of the train step's mesh (run as a script)",
+    )
+    parser.add_argument("--fsdp", type=int, default=2, help="devices per FSDP group")
     args = parser.parse_args(argv)
+    if len(jax.devices()) % args.fsdp:
+        parser.error(f"--fsdp {args.fsdp} does not divide the {len(jax.devices())} devices")
     tiny = args.size == "tiny"
     programs = {
-        "sample": (lower_sampling, 32 if tiny else 512, 2),
-        "train": (lower_train_step, 32 if tiny else 256, 2 * len(jax.devices())),
+        "sample": (lower_sampling, 32 if tiny else 512, 2, {}),
+        "train": (lower_train_step, 32 if tiny else 256, len(jax.devices()), {"fsdp": args.fsdp}),
     }
+    print(
+        f"{len(jax.devices())} devices: the train step over a mesh of "
+        f"{len(jax.devices()) // args.fsdp} data x {args.fsdp} fsdp"
+    )
     if unknown := sorted(set(args.programs) - set(programs)):
         parser.error(f"unknown programs {unknown}; choose from {sorted(programs)}")
     reports = []
     for platform in args.platforms:
         kernel, note = _kernel_for(platform, args.attention)
         for name in args.programs:
-            build, resolution, batch = programs[name]
-            lower = build(platform, kernel, args.size, resolution, batch, args.dtype)
-            report = check(name, platform, kernel, lower, note)
+            build, resolution, batch, options = programs[name]
+            lower = build(platform, kernel, args.size, resolution, batch, args.dtype, **options)
+            partitions = len(jax.devices()) if name == "train" else 1
+            report = check(name, platform, kernel, lower, note, partitions)
             print(report.line(), flush=True)
             reports.append(report)
     failed = [r for r in reports if r.problems]

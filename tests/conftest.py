@@ -42,6 +42,7 @@ HEAVY_GROUPS = (
     "train runs",
     "tests/train/test_config_and_models.py",
     "tests/train/test_grow.py",
+    "tests/test_device_check.py",
     "tests/parity/test_component_parity.py",
     "tests/test_cli.py",
     "tests/train/test_vae.py",
