@@ -132,11 +132,12 @@ def test_parity_compares_a_bf16_pipeline_with_diffusers_fp32_one(tiny_folder, ca
     from ip2p_jax.testing.parity import TOLERANCES
 
     args = ["parity", str(tiny_folder), "--resolution", "32", "--json", "--pipeline"]
-    assert main([*args, "--components", "unet", "--dtype", "bfloat16"]) == 0
+    # DDIM: the sampler whose deterministic steps carry bf16's rounding furthest.
+    assert main([*args, "--components", "unet", "--dtype", "bfloat16", "--samplers", "ddim"]) == 0
     rows = {(r["component"], r["output"]): r for r in json.loads(capsys.readouterr().out)}
     bf16 = TOLERANCES["bfloat16"]
     pipeline_rows = [r for (component, _), r in rows.items() if component == "pipeline"]
-    assert {r["output"] for r in pipeline_rows} == {"euler_ancestral", "euler", "ddim"}
+    assert [r["output"] for r in pipeline_rows] == ["ddim"]
     for row in pipeline_rows:
         assert row["metric"] == "mean" and row["tolerance"] == bf16.pipeline and row["passed"]
         assert row["mean_abs_error"] > 1e-4  # bf16 compute, not float32's 1e-6

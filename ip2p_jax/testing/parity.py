@@ -226,6 +226,10 @@ PIPELINE_SCHEDULERS = {
 }
 
 
+# The samplers whole edits are compared with by default (PIPELINE_SCHEDULERS has them all).
+PIPELINE_SAMPLERS = ("euler_ancestral", "euler", "ddim")
+
+
 def edit_both(
     folder: Path,
     sampler: str,
@@ -294,7 +298,7 @@ def compare_pipeline(
     resolution: int,
     seed: int,
     steps: int = 4,
-    samplers: Sequence[str] = ("euler_ancestral", "euler", "ddim"),
+    samplers: Sequence[str] = PIPELINE_SAMPLERS,
     dtype: str = "float32",
 ) -> list[Comparison]:
     """Whole edits against diffusers' float32 ones, per sampler: mean abs difference on
@@ -324,6 +328,7 @@ def run_parity(
     prompts: Sequence[str] = DEFAULT_PROMPTS,
     pipeline: bool = False,
     dtype: str = "float32",
+    samplers: Sequence[str] = PIPELINE_SAMPLERS,
 ) -> list[Comparison]:
     """Compares each component of a diffusers folder with the float32 PyTorch reference, ours
     computing the UNet and text encoder in ``dtype`` (the VAE in float32); ``tolerance``
@@ -349,7 +354,7 @@ def run_parity(
     if "text_encoder" in components:
         results += compare_text_encoder(folder, prompts, low, dtype)
     if pipeline:
-        results += compare_pipeline(folder, resolution, seed, dtype=dtype)
+        results += compare_pipeline(folder, resolution, seed, samplers=samplers, dtype=dtype)
     return results
 
 

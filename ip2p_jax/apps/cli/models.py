@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ip2p_jax.apps.cli.arguments import DTYPE_NAMES
+from ip2p_jax.apps.cli.arguments import DTYPE_NAMES, SAMPLER_NAMES
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -62,6 +62,7 @@ def _parity(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         pipeline=args.pipeline,
         dtype=args.dtype,
+        samplers=args.samplers,
     )
     if args.json:
         print(
@@ -147,6 +148,13 @@ def add_parsers(commands) -> None:
     parity.add_argument(
         "--pipeline",
         action="store_true",
-        help="also compare whole edits with diffusers' InstructPix2Pix pipeline (3 samplers)",
+        help="also compare whole edits with diffusers' InstructPix2Pix pipeline",
+    )
+    parity.add_argument(
+        "--samplers",
+        nargs="+",
+        default=["euler_ancestral", "euler", "ddim"],
+        choices=SAMPLER_NAMES,
+        help="the samplers of --pipeline's edits",
     )
     parity.set_defaults(run=_parity)
