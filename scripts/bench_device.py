@@ -17,7 +17,7 @@ while the budget leaves it room, and each has a time limit:
   in the same process (an 8192^3 ``jnp.matmul`` in a loop).
 - train, torch: the step of diffusers' train_instruct_pix2pix.py with mixed_precision="bf16":
   frozen VAE and text encoder in bf16, the UNet's fp32 weights under bf16 autocast
-  (``testing.parity.torch_diffusion_loss``), backward, clipping, AdamW, EMA. Its MFU counts
+  (``testing.parity.TorchTrainStep``), backward, clipping, AdamW, EMA. Its MFU counts
   our step's FLOPs (the same work) against the same peak.
 - edit, diffusers with ``torch.compile`` on the UNet (--no-torch-compile leaves it out; it is
   last, and stopped when the budget runs out, keeping the batches it finished).
@@ -311,88 +311,33 @@ def job_train_ours(spec: dict) -> None:
 def job_train_torch(spec: dict) -> None:
     import torch
     from bench_train import make_batch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.training_utils import EMAModel
-    from transformers import CLIPTextModel
 
-    from ip2p_jax.models.tokenizer import CLIPTokenizer
-    from ip2p_jax.testing.parity import torch_diffusion_loss
+    from ip2p_jax.testing.parity import TorchTrainStep
 
     sizes = Sizes(**spec["sizes"])
-    folder = Path(spec["folder"])
     device = torch_device(torch, spec)
-    dtype = getattr(torch, sizes.torch_train_dtype)  # frozen encoders' weights, autocast
     start = time.perf_counter()
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(device).train()
-    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype).to(device)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype).to(device)
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2
-    )
-    ema = EMAModel(unet.parameters(), decay=0.9999, foreach=True)
+    # The step of diffusers' train_instruct_pix2pix.py, with its mixed precision.
+    reference = TorchTrainStep(spec["folder"], device=device.type, dtype=sizes.torch_train_dtype)
     host = make_batch(sizes.train_batch, sizes.train_resolution)
-    ids = torch.as_tensor(host["input_ids"], dtype=torch.long, device=device)
-    pixels = {
-        name: (torch.from_numpy(host[name]).to(device).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1)
-        for name in ("input_image", "edited_image")
-    }
-    generator = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        null_ids = torch.as_tensor(CLIPTokenizer.bundled()([""]), dtype=torch.long, device=device)
-        null_text = text_encoder(null_ids)[0]
-    batch, scale = sizes.train_batch, vae.config.scaling_factor
     emit("env", load_s=time.perf_counter() - start, **torch_env(torch, device))
-
-    def step():
-        with torch.no_grad():
-            text = text_encoder(ids)[0]
-            posterior = vae.encode(pixels["edited_image"]).latent_dist
-            latents = posterior.sample(generator=generator) * scale
-            image_latent = vae.encode(pixels["input_image"]).latent_dist.mode()
-        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=dtype)
-        steps = scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (batch,), generator=generator, device=device)
-        random_p = torch.rand(batch, generator=generator, device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = torch_diffusion_loss(
-                unet,
-                scheduler,
-                latents=latents,
-                image_latent=image_latent,
-                noise=noise,
-                text=text,
-                null_text=null_text,
-                timesteps=timesteps,
-                random_p=random_p,
-            )
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(unet.parameters())
-        return loss, grad_norm
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    loss, grad_norm = step()
-    loss.item()  # waits for the step
+    reference(host)  # returns floats: waits for the step
     first_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(sizes.train_steps):
-        loss, grad_norm = step()
-    metrics = {"loss": loss.item(), "grad_norm": grad_norm.item()}  # waits for the last step
+        metrics = reference(host)
     step_s = (time.perf_counter() - start) / sizes.train_steps
+    mixed = sizes.torch_train_dtype != "float32"
     emit(
         "train",
-        dtype=sizes.torch_train_dtype + (" autocast" if dtype != torch.float32 else ""),
+        dtype=sizes.torch_train_dtype + (" autocast" if mixed else ""),
         first_s=first_s,
         step_s=step_s,
         peak_gb=torch_peak_gb(torch, device),
-        metrics=metrics,
+        metrics={"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]},
     )
 
 

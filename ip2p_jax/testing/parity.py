@@ -432,6 +432,8 @@ class TorchTrainStep:
 
     Call it with a host batch as ours takes it: uint8 ``input_image`` / ``edited_image``
     [B, H, W, 3] and int ``input_ids`` [B, 77]; it returns loss, grad_norm, learning_rate.
+    ``device`` is torch's; ``dtype`` other than float32 is the script's mixed precision: the
+    frozen encoders' weights in it and the UNet's fp32 weights under its autocast.
     (EMAModel's decay warmup lags ours by one update: 0 at its first, ours 0.1.)
     """
 
@@ -452,6 +454,8 @@ class TorchTrainStep:
         conditioning_dropout_prob: float = 0.05,
         prediction_type: str = "epsilon",
         seed: int = 0,
+        device: str = "cpu",
+        dtype: str = "float32",
     ):
         import torch
         from diffusers import AutoencoderKL as TorchAutoencoderKL
@@ -463,9 +467,11 @@ class TorchTrainStep:
         if schedule not in ("constant", "cosine", "wsd"):
             raise ValueError(f"schedule must be constant, cosine or wsd, got {schedule!r}")
         folder = Path(folder)
-        self.vae = TorchAutoencoderKL.from_pretrained(folder / "vae").float()
-        self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").float()
-        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").float()
+        self.device, self.dtype = torch.device(device), getattr(torch, dtype)
+        frozen = lambda model: model.to(self.dtype).to(self.device)
+        self.vae = frozen(TorchAutoencoderKL.from_pretrained(folder / "vae"))
+        self.text_encoder = frozen(CLIPTextModel.from_pretrained(folder / "text_encoder"))
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").float().to(self.device)
         self.scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
@@ -477,7 +483,7 @@ class TorchTrainStep:
             else CLIPTokenizer.bundled()
         )
         with torch.no_grad():
-            null_ids = torch.as_tensor(tokenizer([""]), dtype=torch.long)
+            null_ids = torch.as_tensor(tokenizer([""]), dtype=torch.long, device=self.device)
             self.null_text = self.text_encoder(null_ids)[0]
         self.optimizer = torch.optim.AdamW(
             self.unet.parameters(),
@@ -501,11 +507,17 @@ class TorchTrainStep:
                 num_warmup_steps=warmup_steps,
                 num_training_steps=total_steps,
             )
-        self.ema = EMAModel(self.unet.parameters(), decay=ema_decay) if ema_decay else None
+        # foreach: the same update, batched over the params (on a GPU, many fewer kernels).
+        foreach = self.device.type == "cuda"
+        self.ema = (
+            EMAModel(self.unet.parameters(), decay=ema_decay, foreach=foreach)
+            if ema_decay
+            else None
+        )
         self.grad_clip = grad_clip
         self.conditioning_dropout_prob = conditioning_dropout_prob
         self.prediction_type = prediction_type
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
 
     @classmethod
     def from_config(cls, folder: str | Path, config, seed: int | None = None) -> TorchTrainStep:
@@ -536,11 +548,13 @@ class TorchTrainStep:
         import torch
 
         def pixels(name):
-            images = torch.from_numpy(np.ascontiguousarray(batch[name]))
-            return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            images = torch.from_numpy(np.ascontiguousarray(batch[name])).to(self.device)
+            return images.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
 
         with torch.no_grad():
-            ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long)
+            ids = torch.as_tensor(
+                np.asarray(batch["input_ids"]), dtype=torch.long, device=self.device
+            )
             text = self.text_encoder(ids)[0]
             posterior = self.vae.encode(pixels("edited_image")).latent_dist
             latents = posterior.sample(generator=self.generator) * self.vae.config.scaling_factor
@@ -552,12 +566,18 @@ class TorchTrainStep:
 
         text, latents, image_latent = self.encode(batch)
         bsz = latents.shape[0]
-        generator = self.generator
-        noise = torch.randn(latents.shape, generator=generator)
+        generator, device = self.generator, self.device
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         steps = self.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (bsz,), generator=generator).long()
-        random_p = torch.rand(bsz, generator=generator)
-        loss = torch_diffusion_loss(
+        timesteps = torch.randint(0, steps, (bsz,), generator=generator, device=device).long()
+        random_p = torch.rand(bsz, generator=generator, device=device)
+        mixed = self.dtype != torch.float32
+        with torch.autocast(device.type, dtype=self.dtype, enabled=mixed):
+            loss = self._loss(text, latents, image_latent, noise, timesteps, random_p)
+        return self._update(loss)
+
+    def _loss(self, text, latents, image_latent, noise, timesteps, random_p):
+        return torch_diffusion_loss(
             self.unet,
             self.scheduler,
             latents=latents,
@@ -570,6 +590,10 @@ class TorchTrainStep:
             conditioning_dropout_prob=self.conditioning_dropout_prob,
             prediction_type=self.prediction_type,
         )
+
+    def _update(self, loss) -> dict[str, float]:
+        import torch
+
         loss.backward()
         parameters = self.unet.parameters()
         max_norm = self.grad_clip if self.grad_clip else float("inf")
