@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,45 +22,6 @@ from tqdm.auto import tqdm
 from datagen.clip_filter import ClipSimilarity, FilterConfig, select
 from datagen.pairs import PairSampler, to_uint8
 from datagen.writer import KeptPair, PairFolder
-
-PROMPT_FIELDS = ("input", "edit", "output")
-# The original's GPT output used "caption" for the input caption.
-_ALIASES = {"caption": "input"}
-
-
-def read_prompts(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The prompts of a JSONL file, one {"input", "edit", "output", ...} object per line (as
-    `ip2p datagen instructions` writes, or the original's human-written-prompts.jsonl).
-    Raises ValueError naming the file and line of a bad one."""
-    path = Path(path)
-    prompts = []
-    with open(path) as fp:
-        for number, line in enumerate(fp, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except ValueError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err})") from err
-            if not isinstance(raw, dict):
-                raise ValueError(
-                    f"{path}:{number}: expected a JSON object, got {type(raw).__name__}"
-                )
-            prompt = {_ALIASES.get(key, key): value for key, value in raw.items()}
-            bad = [
-                k
-                for k in PROMPT_FIELDS
-                if not isinstance(prompt.get(k), str) or not prompt[k].strip()
-            ]
-            if bad:
-                raise ValueError(
-                    f"{path}:{number}: needs non-empty string fields {list(PROMPT_FIELDS)}; "
-                    f"missing or empty: {bad}"
-                )
-            prompts.append(prompt)
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
 
 
 def shard_indices(count: int, shard: int, num_shards: int) -> list[int]:

@@ -47,8 +47,9 @@ def run_pairs(args: argparse.Namespace) -> int:
     import torch
 
     from datagen.clip_filter import ClipSimilarity, FilterConfig
-    from datagen.pair_job import generate_pairs, read_prompts, recipe
+    from datagen.pair_job import generate_pairs, recipe
     from datagen.pairs import PairConfig, PairSampler
+    from datagen.prompts import read_prompts
     from datagen.writer import PairFolder
     from ip2p_jax.data import build
     from ip2p_jax.data.importers import write_seeds_json

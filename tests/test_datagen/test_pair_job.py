@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from datagen.clip_filter import FilterConfig
-from datagen.pair_job import generate_pairs, read_prompts, recipe, sample_seeds, shard_indices
+from datagen.pair_job import generate_pairs, recipe, sample_seeds, shard_indices
 from datagen.pairs import PairConfig, PairSampler, to_uint8
+from datagen.prompts import read_prompts
 from datagen.writer import JPEG_QUALITY, PairFolder
 
 CONFIG = PairConfig(steps=3, resolution=32)
