@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[torch,app,eval,dev]" "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[torch,app,eval,ray,dev]" "$(TORCH)"
 	touch $(STAMP)
 
 # The web app's browser test drives Debian's Chromium (installed as root, or by hand).

@@ -2,10 +2,10 @@
 
 Follows ``dataset_creation/generate_txt_dataset.py`` of timothybrooks/instruct-pix2pix: the
 LLM sees ``caption + DELIMITER_0`` and writes ``instruction + DELIMITER_1 + edited caption``,
-ending at ``STOP``. Each accepted result is appended to a JSONL file at once, so a killed job
-resumes where it stopped. Output lines use the keys of the original release's human-written
-prompts file: ``{"input": caption, "edit": instruction, "output": edited caption}`` plus
-``"id"`` and any other fields of the input line.
+ending at ``STOP``. A batch's accepted results are appended to a JSONL file as soon as its
+tries are done, so a killed job resumes where it stopped. Output lines use the keys of the
+original release's human-written prompts file: ``{"input": caption, "edit": instruction,
+"output": edited caption}`` plus ``"id"`` and any other fields of the input line.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,6 +167,37 @@ def _caption_from_json(path: Path, number: int, line: str) -> Caption:
     return Caption(text=text.strip(), id=caption_id, extra=extra)
 
 
+def read_examples(path: str | os.PathLike) -> list[tuple[str, str, str]]:
+    """Hand-written ``(caption, instruction, edited caption)`` examples from a prompts JSONL.
+
+    The file is read by `datagen.prompts.read_prompts` (one {"input", "edit", "output"} object
+    a line; "caption" is accepted for "input"). Fields are stripped, as captions are. Raises
+    ValueError naming the file and line of a bad object, or of a field holding one of the
+    format's delimiters (which would make the prompt ambiguous to the model and the parser).
+    """
+    from datagen.prompts import read_prompts
+
+    path = Path(path)
+    prompts = read_prompts(path)
+    markers = {"DELIMITER_0": DELIMITER_0, "DELIMITER_1": DELIMITER_1, "STOP": STOP}
+    for prompt, number in zip(prompts, _nonblank_line_numbers(path), strict=True):
+        for key in ("input", "edit", "output"):
+            for name, marker in markers.items():
+                if marker in prompt[key]:
+                    raise ValueError(
+                        f"{path}:{number}: field {key!r} holds the format's {name} "
+                        f"{marker!r}; an example must not contain {DELIMITER_0!r}, "
+                        f"{DELIMITER_1!r} or {STOP!r}"
+                    )
+    return [(p["input"].strip(), p["edit"].strip(), p["output"].strip()) for p in prompts]
+
+
+def _nonblank_line_numbers(path: Path) -> list[int]:
+    # The 1-based numbers of the lines read_prompts turns into prompts: it skips blank ones.
+    with open(path, encoding="utf-8") as fp:
+        return [number for number, line in enumerate(fp, start=1) if line.strip()]
+
+
 def format_example(caption: str, instruction: str, edited: str) -> str:
     """One finished example in the paper's format, as the fine-tuned model was trained on."""
     return caption + DELIMITER_0 + instruction + DELIMITER_1 + edited + STOP
@@ -290,20 +323,32 @@ def generate_instructions(
     num_samples: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    concurrency: int = 1,
     progress: bool = True,
 ) -> InstructionSummary:
     """Write an instruction and edited caption for each caption to ``out_path`` (JSONL).
 
-    Each accepted line is appended and flushed at once. Captions already in ``out_path`` are
-    skipped, so a restarted job continues; a torn last line is removed with a warning. Stops
+    A batch's accepted lines are appended and flushed once its tries are done (a kill loses
+    at most the batches in flight). Captions already in ``out_path`` are skipped, so a
+    restarted job continues; a torn last line is removed with a warning. Stops
     once ``num_samples`` lines are in the file (counting those from before). Captions go to the
     backend ``batch_size`` at a time; each caption gets ``1 + sampling.retries`` tries, and the
     seed of a call is derived from ``seed``, the batch's first caption index and the try, so a
     rerun on the same input reproduces it.
+
+    ``concurrency`` > 1 keeps up to that many batches in flight at once on worker threads
+    (for a server backend; ``backend.complete`` must then be thread-safe). Batches are still
+    written one after another in input order, each exactly as a ``concurrency=1`` run would
+    write it: a batch that accepted a result which an earlier batch wrote meanwhile is run
+    again once its turn comes, so a deterministic backend gives the same file either way. With
+    ``num_samples`` only as many captions are in flight as lines are still missing; when some
+    fail, the batches after them can be composed differently than at ``concurrency=1``.
     """
     sampling = sampling or SamplingConfig()
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     if num_samples is not None and num_samples < 0:
         raise ValueError(f"num_samples must not be negative, got {num_samples}")
     out_path = Path(out_path)
@@ -316,36 +361,96 @@ def generate_instructions(
     )
     pending = _pending(captions, existing.captions, summary)
     target = None if num_samples is None else num_samples - summary.resumed
+    results = existing.results
 
-    with (
-        open(out_path, "a", encoding="utf-8") as out,
-        tqdm(total=len(pending), desc="instructions", unit="caption", disable=not progress) as bar,
-    ):
-        while pending and (target is None or summary.generated < target):
-            # Ask for no more than still needed, so a --num run does not overshoot by a batch.
-            size = batch_size if target is None else min(batch_size, target - summary.generated)
-            batch, pending = pending[:size], pending[size:]
-            _run_batch(batch, backend, out, sampling, seed, existing.results, summary, target)
-            bar.update(len(batch))
-            bar.set_postfix(written=summary.generated)
+    def run(batch: list[tuple[int, Caption]]) -> _BatchOutcome:
+        return _run_batch(batch, backend, sampling, seed, results)
+
+    # Threads only when asked: a local model stays on the calling thread.
+    executor = ThreadPoolExecutor(concurrency) if concurrency > 1 else _InlineExecutor()
+    in_flight: deque[tuple[list[tuple[int, Caption]], Future[_BatchOutcome]]] = deque()
+    queued = 0  # captions in flight
+    start = 0  # pending[start:] are not yet sent; an index, not slicing: O(1) per batch
+    try:
+        with (
+            open(out_path, "a", encoding="utf-8") as out,
+            tqdm(
+                total=len(pending), desc="instructions", unit="caption", disable=not progress
+            ) as bar,
+        ):
+            while True:
+                while start < len(pending) and len(in_flight) < concurrency:
+                    # Ask for no more than still needed (counting captions in flight as
+                    # written), so a --num run does not overshoot and never passes num.
+                    need = None if target is None else target - summary.generated - queued
+                    if need is not None and need <= 0:
+                        break
+                    size = batch_size if need is None else min(batch_size, need)
+                    batch = pending[start : start + size]
+                    start += len(batch)
+                    queued += len(batch)
+                    in_flight.append((batch, executor.submit(run, batch)))
+                if not in_flight:
+                    break
+                batch, future = in_flight.popleft()
+                queued -= len(batch)
+                outcome = future.result()
+                if any(_result_key(*result) in results for _, *result in outcome.accepted):
+                    # An earlier batch wrote one of these results after this batch checked:
+                    # run it again against everything written before it, as concurrency=1 does.
+                    outcome = run(batch)
+                _commit(outcome, out, results, summary)
+                bar.update(len(batch))
+                bar.set_postfix(written=summary.generated)
+    finally:
+        # On an error or Ctrl-C: drop batches not started; running ones end on their own.
+        executor.shutdown(wait=True, cancel_futures=True)
     return summary
+
+
+class _InlineExecutor:
+    """``submit`` runs the call at once on this thread: `generate_instructions` at concurrency 1."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as error:  # re-raised by future.result(), as a pool would
+            future.set_exception(error)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Nothing to stop."""
+
+
+@dataclass
+class _BatchOutcome:
+    """What the tries for one batch gave, not yet written."""
+
+    accepted: list[tuple[Caption, str, str]]  # in the order accepted: the write order
+    rejected: dict[str, int]
+    failed: int  # captions whose every try was rejected
 
 
 def _run_batch(
     batch: list[tuple[int, Caption]],
     backend: Backend,
-    out: Any,
     sampling: SamplingConfig,
     seed: int,
     results: set[tuple[str, str]],
-    summary: InstructionSummary,
-    target: int | None,
-) -> None:
-    """Up to ``1 + retries`` tries for a batch of captions, writing each accepted one."""
+) -> _BatchOutcome:
+    """Up to ``1 + retries`` tries for a batch of captions; writes nothing.
+
+    ``results`` (the results written so far) is only read, here perhaps from a worker thread
+    while the writing thread adds to it; a result is a duplicate if it is in ``results`` or was
+    accepted earlier in this batch.
+    """
+    outcome = _BatchOutcome(accepted=[], rejected={}, failed=0)
+    accepted: set[tuple[str, str]] = set()
     todo = batch
     for attempt in range(1 + sampling.retries):
-        if not todo or (target is not None and summary.generated >= target):
-            return
+        if not todo:
+            break
         prompts = [caption.text + DELIMITER_0 for _, caption in todo]
         completions = backend.complete(prompts, sampling, call_seed(seed, todo[0][0], attempt))
         if len(completions) != len(prompts):
@@ -355,20 +460,33 @@ def _run_batch(
             )
         retry = []
         for (index, caption), completion in zip(todo, completions, strict=True):
-            if target is not None and summary.generated >= target:
-                return
             parsed = parse_completion(caption.text, completion)
-            if isinstance(parsed, tuple) and _result_key(*parsed) in results:
-                parsed = DUPLICATE  # the same edit was already written for another caption
+            if isinstance(parsed, tuple):
+                key = _result_key(*parsed)
+                if key in accepted or key in results:
+                    parsed = DUPLICATE  # the same edit was already written for another caption
             if isinstance(parsed, str):
-                summary.rejected[parsed] = summary.rejected.get(parsed, 0) + 1
+                outcome.rejected[parsed] = outcome.rejected.get(parsed, 0) + 1
                 retry.append((index, caption))
                 continue
-            _write(out, caption, *parsed)
-            results.add(_result_key(*parsed))
-            summary.generated += 1
+            outcome.accepted.append((caption, *parsed))
+            accepted.add(key)
         todo = retry
-    summary.failed_captions += len(todo)
+    outcome.failed = len(todo)
+    return outcome
+
+
+def _commit(
+    outcome: _BatchOutcome, out: Any, results: set[tuple[str, str]], summary: InstructionSummary
+) -> None:
+    """Write a batch's accepted results and count it in ``summary``."""
+    for caption, instruction, edited in outcome.accepted:
+        _write(out, caption, instruction, edited)
+        results.add(_result_key(instruction, edited))
+        summary.generated += 1
+    for reason, count in outcome.rejected.items():
+        summary.rejected[reason] = summary.rejected.get(reason, 0) + count
+    summary.failed_captions += outcome.failed
 
 
 def _write(out: Any, caption: Caption, instruction: str, edited: str) -> None:

@@ -3,10 +3,12 @@
 Every backend takes prompts ``caption + DELIMITER_0`` and returns the text after the prompt,
 ``instruction + DELIMITER_1 + edited caption`` (maybe followed by ``STOP`` and more).
 
-- `TemplateBackend`: no model; rewrites the caption with a few edit templates (offline default).
+- `TemplateBackend`: no model; rewrites the caption with a few edit templates (a smoke test
+  of the pipeline, not training data).
 - `TransformersBackend`: a local causal LM through 🤗 transformers, with the OpenAI sampling
   options (frequency and presence penalties, stop text) reimplemented.
-- `OpenAIBackend`: an OpenAI-compatible ``/completions`` server (vLLM, llama.cpp, ollama).
+- `OpenAIBackend`: an OpenAI-compatible ``/completions`` server (vLLM, llama.cpp, ollama);
+  thread-safe, so `generate_instructions(concurrency=N)` can keep N requests in flight.
 
 torch and transformers are imported only when a `TransformersBackend` (or the
 `PenaltyLogitsProcessor` / `StopOnText` classes) is first used.
@@ -355,6 +357,8 @@ class OpenAIBackend:
     429; other 4xx errors raise at once with the server's message. With ``few_shot`` the
     prompt is `few_shot_prompt` (for a plain model); without it the bare paper prompt.
     ``list_prompts=False`` sends one prompt per request, for servers that take no lists.
+    ``complete`` keeps no state between calls (one connection per request), so several threads
+    may call it at once.
     """
 
     def __init__(

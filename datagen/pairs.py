@@ -9,6 +9,7 @@ the Prompt-to-Prompt fraction p ~ U(min_p2p, max_p2p) and guidance scale ~ U(min
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -81,7 +82,9 @@ class PairSampler:
     """Renders (input, edited) image pairs with a diffusers text-to-image Stable Diffusion.
 
     `pairs_per_call` samples share one UNet call (4 rows each: unconditional and conditional
-    for both captions)."""
+    for both captions). `vae`, a diffusers AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-mse,
+    which the original generator decoded with), replaces the model's own `vae` subfolder: it
+    changes the decoded pixels only, the latents are the same."""
 
     def __init__(
         self,
@@ -91,11 +94,14 @@ class PairSampler:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         pairs_per_call: int = 1,
+        vae: str | os.PathLike | None = None,
     ):
         from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         folder = _model_folder(model)
+        # checked before any weights load, so a wrong --vae fails at once
+        vae_folder = folder / "vae" if vae is None else _vae_folder(vae)
         load = {"torch_dtype": dtype}
         self.config = config
         self.device = torch.device(device)
@@ -105,12 +111,20 @@ class PairSampler:
             str(folder), subfolder="text_encoder", **load
         )
         self.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", **load)
-        self.vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", **load)
         if self.unet.config.in_channels != 4:
             raise ValueError(
                 f"{folder}/unet has in_channels={self.unet.config.in_channels}: pairs need a "
                 "text-to-image Stable Diffusion (4 channels), not an InstructPix2Pix model"
             )
+        self.vae = AutoencoderKL.from_pretrained(str(vae_folder), **load)
+        if self.vae.config.latent_channels != self.unet.config.in_channels:
+            raise ValueError(
+                f"the VAE at {vae_folder} has latent_channels={self.vae.config.latent_channels} "
+                f"but {folder}/unet has in_channels={self.unet.config.in_channels}; they must "
+                "match"
+            )
+        if vae is not None:
+            _check_vae_scale(self.vae, folder)
         self.scheduler = EulerAncestralDiscreteScheduler.from_pretrained(
             str(folder), subfolder="scheduler"
         )
@@ -153,7 +167,9 @@ class PairSampler:
                 )
             return
         mapper, alphas = prompt2prompt.refinement_mapper(source, target, length)
-        self.controller.mapper, self.controller.alphas = mapper, alphas
+        # built on the CPU from token ids; moved here once per prompt, not per attention call
+        self.controller.mapper = mapper.to(self.device)
+        self.controller.alphas = alphas.to(self.device, self.unet.dtype)
 
     def render(
         self, input_caption: str, edited_caption: str, draws: Sequence[SampleDraw]
@@ -231,6 +247,50 @@ def _model_folder(model: str | os.PathLike) -> Path:
             "vae, text_encoder, tokenizer and scheduler subfolders"
         )
     return folder
+
+
+def _vae_folder(vae: str | os.PathLike) -> Path:
+    """`vae` if it is a diffusers AutoencoderKL folder (config.json and weights), else a
+    FileNotFoundError that says what was expected."""
+    folder = Path(vae)
+    expected = (
+        "expected a diffusers AutoencoderKL folder (config.json and "
+        "diffusion_pytorch_model.safetensors or .bin), e.g. stabilityai/sd-vae-ft-mse or a "
+        "Stable Diffusion folder's vae subfolder"
+    )
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"VAE {folder}: no {config}; {expected}")
+    try:
+        class_name = json.loads(config.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as error:
+        message = f"VAE {folder}: {config} is not a JSON config; {expected}"
+        raise FileNotFoundError(message) from error
+    # a UNet or text encoder folder also has a config.json; refuse it here, not mid-load
+    if class_name != "AutoencoderKL":
+        raise FileNotFoundError(
+            f"VAE {folder}: {config} describes {class_name!r}, not 'AutoencoderKL'; {expected}"
+        )
+    weights = [*folder.glob("diffusion_pytorch_model*.safetensors")]
+    weights += [*folder.glob("diffusion_pytorch_model*.bin")]
+    if not weights:
+        raise FileNotFoundError(f"VAE {folder}: no weights file; {expected}")
+    return folder
+
+
+def _check_vae_scale(vae, folder: Path) -> None:
+    """A replacement VAE must downsample as the model's own did: the UNet was trained on
+    latents of that size (every SD VAE is 8x; checked when the model still has its vae)."""
+    own = folder / "vae" / "config.json"
+    if not own.is_file():
+        return
+    own_blocks = len(json.loads(own.read_text())["block_out_channels"])
+    new_blocks = len(vae.config.block_out_channels)
+    if own_blocks != new_blocks:
+        raise ValueError(
+            f"the VAE downsamples by {2 ** (new_blocks - 1)} but {folder}/vae by "
+            f"{2 ** (own_blocks - 1)}: the UNet would sample latents of another size"
+        )
 
 
 def _randn(shape, generator: torch.Generator, device: torch.device, dtype) -> torch.Tensor:

@@ -2,13 +2,17 @@
 the original folder layout (and, once every prompt is done, the TFDS dataset).
 
     ip2p datagen pairs --prompts prompts.jsonl --model SD15_DIR --clip CLIP_DIR \\
-        --out pairs/ --dataset data/ [--shard i --num-shards n]
+        --out pairs/ --dataset data/ [--shard i --num-shards n] [--ray [ADDRESS]]
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datagen.pair_job import JobSpec
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -37,76 +41,117 @@ def add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="job seed: fixes every sample seed")
     parser.add_argument("--pairs-per-call", type=int, default=1, help="samples per UNet call")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        default=None,
+        help="diffusers VAE folder to decode with (the "
+        "original used stabilityai/sd-vae-ft-mse); default: the model's own",
+    )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray: one worker per GPU (per node where there are none); ADDRESS joins a "
+        "cluster (auto, ray://head:10001), none starts one here (or joins $RAY_ADDRESS)",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="Ray workers (default: above)")
+    parser.add_argument(
+        "--max-failed",
+        type=float,
+        default=0.01,
+        help="fraction of attempted prompts that may fail before the job exits non-zero",
+    )
     parser.add_argument("--dtype", choices=_DTYPES, default="float32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     parser.add_argument("--no-progress", action="store_true")
 
 
-def run_pairs(args: argparse.Namespace) -> int:
-    """Runs the job for this shard; builds the dataset when asked and every prompt is done."""
-    import torch
+def _job_spec(args: argparse.Namespace) -> JobSpec:
+    """The job from the options; every bad option fails here, before any model loads."""
+    from datagen.clip_filter import FilterConfig
+    from datagen.pair_job import JobSpec
+    from datagen.pairs import PairConfig
 
-    from datagen.clip_filter import ClipSimilarity, FilterConfig
-    from datagen.pair_job import generate_pairs, recipe
-    from datagen.pairs import PairConfig, PairSampler
+    if args.samples < 1 or args.keep < 1:
+        raise ValueError(f"--samples and --keep must be positive, got {args.samples}, {args.keep}")
+    if not 0 <= args.max_failed <= 1:
+        raise ValueError(f"--max-failed is a fraction in [0, 1], got {args.max_failed}")
+    if args.workers is not None and args.ray is None:
+        raise ValueError("--workers is the number of Ray workers: it needs --ray")
+    return JobSpec(
+        model=str(args.model),
+        clip=str(args.clip),
+        out=str(args.out),
+        config=PairConfig(
+            steps=args.steps,
+            resolution=args.resolution,
+            min_p2p=args.min_p2p,
+            max_p2p=args.max_p2p,
+            min_cfg=args.min_cfg,
+            max_cfg=args.max_cfg,
+            mode=args.mode,
+        ),
+        filter_config=FilterConfig(
+            args.clip_threshold, args.clip_dir_threshold, args.clip_img_threshold, args.keep
+        ),
+        samples=args.samples,
+        seed=args.seed,
+        vae=None if args.vae is None else str(args.vae),
+        device=args.device,
+        dtype=args.dtype,
+        pairs_per_call=args.pairs_per_call,
+    )
+
+
+def run_pairs(args: argparse.Namespace) -> int:
+    """Runs the job for this shard, in this process or on Ray; builds the dataset when asked
+    and every prompt is done. Exits non-zero when more than --max-failed of the prompts it
+    attempted failed."""
+    from datagen.pair_job import build_runner, run_locally, shard_indices
     from datagen.prompts import read_prompts
     from datagen.writer import PairFolder
     from ip2p_jax.data import build
     from ip2p_jax.data.importers import write_seeds_json
 
-    # Everything that can be wrong with the options fails here, before any model loads.
     prompts = read_prompts(args.prompts)
-    config = PairConfig(
-        steps=args.steps,
-        resolution=args.resolution,
-        min_p2p=args.min_p2p,
-        max_p2p=args.max_p2p,
-        min_cfg=args.min_cfg,
-        max_cfg=args.max_cfg,
-        mode=args.mode,
-    )
-    filter_config = FilterConfig(
-        args.clip_threshold, args.clip_dir_threshold, args.clip_img_threshold, args.keep
-    )
-    if args.samples < 1 or args.keep < 1:
-        raise ValueError(f"--samples and --keep must be positive, got {args.samples}, {args.keep}")
-    job_recipe = recipe(
-        config,
-        filter_config,
-        samples=args.samples,
-        seed=args.seed,
-        model=args.model,
-        clip=args.clip,
-    )
-    out = PairFolder(args.out, job_recipe)
-    sampler = PairSampler(
-        args.model,
-        config,
-        device=args.device,
-        dtype=getattr(torch, args.dtype),
-        pairs_per_call=args.pairs_per_call,
-    )
-    clip = ClipSimilarity(args.clip, device=args.device)
-    summary = generate_pairs(
-        prompts,
-        sampler,
-        clip,
-        out,
-        samples=args.samples,
-        filter_config=filter_config,
-        shard=args.shard,
-        num_shards=args.num_shards,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    spec = _job_spec(args)
+    indices = shard_indices(len(prompts), args.shard, args.num_shards)
+    if args.ray is not None:
+        from datagen.ray_pairs import import_ray, run_on_ray
+
+        import_ray()  # a missing Ray fails before the recipe's fingerprints are computed
+    out = PairFolder(args.out, spec.recipe())
+    progress = not args.no_progress
+    if args.ray is not None:
+        address = args.ray or None
+        summary = run_on_ray(
+            spec, prompts, indices, address=address, workers=args.workers, progress=progress
+        )
+    else:
+        summary = run_locally(build_runner(spec), prompts, indices, progress)
+    job = f"shard-{args.shard:05d}-of-{args.num_shards:05d}"
+    summary_path = out.write_job_summary(job, summary.to_json())
     print(summary.describe())
+    print(f"job summary: {summary_path}")
     write_seeds_json(args.out)
+    if summary.failed_fraction > args.max_failed:
+        print(
+            f"error: {len(summary.failures)} of the prompts attempted failed "
+            f"({summary.failed_fraction:.1%}, above --max-failed {args.max_failed:.1%}); "
+            f"their reasons are in {summary_path}. Fix the cause and rerun the same command: "
+            "done prompts are skipped, failed ones tried again."
+        )
+        return 1
     if args.dataset is not None:
         missing = [i for i in range(len(prompts)) if not out.is_done(i)]
         if missing:
             print(
-                f"{len(missing)} prompts are not done yet (other shards?); build the dataset "
-                f"when they are: ip2p datagen import original {args.out} --out {args.dataset}"
+                f"{len(missing)} prompts are not done yet (other shards, or failed); build the "
+                f"dataset when they are: ip2p datagen import original {args.out} --out "
+                f"{args.dataset}"
             )
             return 0
         path, reports = build.import_original(args.out, args.dataset, overwrite=args.overwrite)

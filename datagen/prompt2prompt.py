@@ -59,9 +59,10 @@ class P2PController:
 
     `active[k]` says whether pair k borrows maps at this step. For "refine", `mapper` and
     `alphas` align the edited caption's tokens with the input caption's
-    (`refinement_mapper`); every pair of a call has the same two captions. `edit_seconds`
-    accumulates the time spent borrowing maps (the bookkeeping the benchmark reports against
-    UNet time)."""
+    (`refinement_mapper`); every pair of a call has the same two captions. Set them on the
+    attention tensors' device and dtype (`PairSampler` does, once per prompt); `refine` moves
+    them otherwise, at a copy per attention call. `edit_seconds` accumulates the time spent
+    borrowing maps (the bookkeeping the benchmark reports against UNet time)."""
 
     mode: str = "self"
     active: torch.Tensor | None = None
@@ -108,13 +109,16 @@ class P2PController:
         input row, new tokens' (alpha 0) their own. All other rows stay as computed."""
         start = time.perf_counter()
         pairs = query.shape[0] // 4
-        alphas = self.alphas.to(query.dtype)
+        # a no-op once PairSampler has placed them (once per prompt); a safety net for callers
+        # that build them on the CPU, which a GPU's attention maps cannot be mixed with
+        mapper = self.mapper.to(query.device)
+        alphas = self.alphas.to(query.device, query.dtype)
         for k in self._active_pairs():
             source, target = 2 * pairs + 2 * k, 2 * pairs + 2 * k + 1  # conditional half
             maps = (
                 query[[source, target]] @ key[[source, target]].transpose(-1, -2) * scale
             ).softmax(-1)
-            mixed = maps[0][..., self.mapper] * alphas + maps[1] * (1 - alphas)
+            mixed = maps[0][..., mapper] * alphas + maps[1] * (1 - alphas)
             out[target] = mixed @ value[target]
         self.edit_seconds += time.perf_counter() - start
 

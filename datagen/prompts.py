@@ -20,7 +20,7 @@ def read_prompts(path: str | os.PathLike) -> list[dict[str, Any]]:
     Raises ValueError naming the file and line of a bad one."""
     path = Path(path)
     prompts = []
-    with open(path) as fp:
+    with open(path, encoding="utf-8") as fp:
         for number, line in enumerate(fp, start=1):
             if not line.strip():
                 continue

@@ -8,19 +8,57 @@
 #   CAPTIONS=captions.txt SD15=/path/to/stable-diffusion-v1-5 CLIP=/path/to/clip-vit-large-patch14 \
 #   LLM=/path/to/causal-lm bash scripts/launch_datagen.sh
 #
-# Without LLM the offline template backend writes the instructions (a smoke test, not data).
+# The instruction LLM is one of:
+#   LLM=/path/to/causal-lm                a local transformers model on GPU 0;
+#   LLM_URL=http://host:8000/v1 LLM_MODEL=served-name [CONCURRENCY=8]
+#                                         an OpenAI-compatible server (vLLM), CONCURRENCY
+#                                         batch requests in flight;
+#   BACKEND=template                      the rule-based template backend: a smoke test of
+#                                         the pipeline, not training data.
+# EXAMPLES=examples.jsonl puts your own {input, edit, output} examples in the LLM's few-shot
+# prompt; NO_FEW_SHOT=1 sends the bare prompt (an LLM fine-tuned on the format, see
+# `ip2p datagen finetune-set`).
 set -euo pipefail
 : "${CAPTIONS:?set CAPTIONS}" "${SD15:?set SD15 to a text-to-image SD folder}" "${CLIP:?set CLIP}"
 OUT=${OUT:-datagen_out}
-GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
 SAMPLES=${SAMPLES:-100}
 
-if [[ -n "${LLM:-}" ]]; then
-  .venv/bin/ip2p datagen instructions --captions "$CAPTIONS" --out "$OUT/prompts.jsonl" \
-    --backend transformers --model "$LLM" --device cuda --dtype bfloat16
-else
-  .venv/bin/ip2p datagen instructions --captions "$CAPTIONS" --out "$OUT/prompts.jsonl"
+# Choose the instruction backend before anything runs; never fall back to the template one.
+chosen=0
+[[ -n "${LLM:-}" ]] && chosen=$((chosen + 1))
+[[ -n "${LLM_URL:-}${LLM_MODEL:-}" ]] && chosen=$((chosen + 1))
+[[ -n "${BACKEND:-}" ]] && chosen=$((chosen + 1))
+if ((chosen != 1)); then
+  echo "launch_datagen.sh: set exactly one of: LLM=/path/to/causal-lm (a local model)," \
+    "LLM_URL and LLM_MODEL (an OpenAI-compatible server such as vLLM), or BACKEND=template" \
+    "(a rule-based smoke test, not training data)" >&2
+  exit 2
 fi
+if [[ -n "${BACKEND:-}" ]]; then
+  if [[ "$BACKEND" != template ]]; then
+    echo "launch_datagen.sh: BACKEND can only be template; for an LLM set LLM, or LLM_URL" \
+      "and LLM_MODEL" >&2
+    exit 2
+  fi
+  if [[ -n "${EXAMPLES:-}${NO_FEW_SHOT:-}" ]]; then
+    echo "launch_datagen.sh: EXAMPLES and NO_FEW_SHOT are for an LLM, not BACKEND=template" >&2
+    exit 2
+  fi
+  backend=(--backend template)
+elif [[ -n "${LLM:-}" ]]; then
+  backend=(--backend transformers --model "$LLM" --device cuda --dtype bfloat16)
+else
+  : "${LLM_URL:?set LLM_URL (e.g. http://localhost:8000/v1) with LLM_MODEL}"
+  : "${LLM_MODEL:?set LLM_MODEL (the name the server serves) with LLM_URL}"
+  backend=(--backend openai --base-url "$LLM_URL" --model "$LLM_MODEL"
+    --concurrency "${CONCURRENCY:-8}")
+fi
+[[ -n "${EXAMPLES:-}" ]] && backend+=(--examples "$EXAMPLES")
+[[ -n "${NO_FEW_SHOT:-}" ]] && backend+=(--no-few-shot)
+
+GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
+.venv/bin/ip2p datagen instructions --captions "$CAPTIONS" --out "$OUT/prompts.jsonl" \
+  "${backend[@]}"
 
 for ((i = 0; i < GPUS; i++)); do
   CUDA_VISIBLE_DEVICES=$i .venv/bin/ip2p datagen pairs --prompts "$OUT/prompts.jsonl" \

@@ -122,12 +122,14 @@ class ImportReport:
 
 def write_seeds_json(folder: str | Path) -> Path:
     """Writes `folder/seeds.json` the way the original `prepare_dataset.py` does: for every
-    prompt dir, the seeds of its `*_0.jpg` files (as strings, in sorted file-name order),
-    dirs without any left out, the list sorted by dir name. Returns the file's path."""
+    prompt dir, the seeds of its `*_0.jpg` files (as strings, in sorted file-name order), dirs
+    without any left out, the list sorted by dir name. Hidden dirs (a writer's staging) are
+    not prompts. Returns the file's path."""
     root = _existing_folder(folder)
     seeds = []
     for prompt_dir in root.iterdir():
-        if prompt_dir.is_dir():
+        # Hidden folders are a writer's staging (`.0000012.xxxx`), never a finished prompt.
+        if prompt_dir.is_dir() and not prompt_dir.name.startswith("."):
             prompt_seeds = [p.name.split("_")[0] for p in sorted(prompt_dir.glob("*_0.jpg"))]
             if prompt_seeds:
                 seeds.append((prompt_dir.name, prompt_seeds))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -23,8 +25,9 @@ from datagen.instructions import (
     generate_instructions,
     parse_completion,
     read_captions,
+    read_examples,
 )
-from datagen.instructions_cli import add_instructions_arguments, run_instructions
+from datagen.instructions_cli import _backend_options, add_instructions_arguments, run_instructions
 from datagen.llm import OpenAIBackend, TemplateBackend, caption_from_prompt, make_backend
 
 
@@ -607,11 +610,21 @@ def _parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+_OPENAI = ["--backend", "openai", "--model", "m", "--base-url", "http://127.0.0.1:9/v1"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--backend", "transformers"], "needs --model"),
         (["--backend", "openai", "--model", "m"], "needs --base-url"),
+        ([*_OPENAI, "--examples", "missing.jsonl", "--no-few-shot"], "exclude each other"),
+        (["--backend", "template", "--examples", "missing.jsonl"], "template uses no prompt"),
+        ([*_OPENAI, "--concurrency", "0"], "--concurrency must be at least 1, got 0"),
+        (
+            ["--backend", "transformers", "--model", "m", "--concurrency", "2"],
+            "--concurrency 2 is for --backend openai",
+        ),
     ],
 )
 def test_cli_checks_options_before_loading(tmp_path, extra, message):
@@ -620,13 +633,275 @@ def test_cli_checks_options_before_loading(tmp_path, extra, message):
         run_instructions(args)
 
 
+def test_cli_backend_is_required_and_its_error_lists_the_choices(tmp_path):
+    args = _parse("--captions", str(tmp_path / "missing.txt"), "--out", "o.jsonl")
+    assert args.backend is None  # no silent default
+    with pytest.raises(ValueError) as error:  # not FileNotFoundError: checked first
+        run_instructions(args)
+    message = str(error.value)
+    assert "--backend is required" in message
+    assert all(name in message for name in ("transformers", "openai", "template"))
+    assert "smoke test" in message and "not training data" in message
+    with pytest.raises(SystemExit):  # argparse still refuses an unknown backend
+        _parse("--captions", "c.txt", "--out", "o.jsonl", "--backend", "gpt3")
+
+
+def test_the_ip2p_command_without_backend_is_a_clear_error(tmp_path, capsys):
+    from ip2p_jax.apps.cli.main import main
+
+    code = main(["datagen", "instructions", "--captions", "c.txt", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "--backend is required" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# --- user examples in the few-shot prompt ---------------------------------------------------
+
+_USER_EXAMPLES = [
+    ("a bowl of ramen", "add a fried egg", "a bowl of ramen with a fried egg"),
+    ("a lighthouse on a cliff", "make it stormy", "a lighthouse on a cliff in a storm"),
+]
+
+
+def _write_examples(path: Path, examples=_USER_EXAMPLES) -> Path:
+    # The first one with the original's "caption" key and padded fields, then a blank line.
+    first, *rest = examples
+    lines = [json.dumps({"caption": first[0], "edit": f" {first[1]} ", "output": first[2]}), ""]
+    lines += [json.dumps(dict(zip(("input", "edit", "output"), e, strict=True))) for e in rest]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_read_examples_reads_prompts_and_strips(tmp_path):
+    assert read_examples(_write_examples(tmp_path / "ex.jsonl")) == _USER_EXAMPLES
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ('{"input": "a", "edit": "b"}', "needs non-empty string fields"),
+        ('{"input": "a", "edit": "b\\n%%\\nc", "output": "d"}', "field 'edit' holds"),
+        ('{"input": "a\\n##\\n", "edit": "b", "output": "d"}', "field 'input' holds"),
+        ('{"input": "a", "edit": "b", "output": "c\\nEND"}', "field 'output' holds"),
+    ],
+)
+def test_read_examples_errors_name_file_and_line(tmp_path, bad, message):
+    path = tmp_path / "ex.jsonl"
+    path.write_text('{"input": "x", "edit": "y", "output": "z"}\n\n' + bad + "\n")
+    with pytest.raises(ValueError, match=message) as error:
+        read_examples(path)
+    assert f"{path}:3:" in str(error.value)
+
+
+def test_cli_examples_reach_the_openai_prompt(server, tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red car\n")
+    examples = _write_examples(tmp_path / "ex.jsonl")
+    args = _parse(
+        "--captions", str(captions), "--out", str(tmp_path / "o.jsonl"), "--backend", "openai",
+        "--model", "m", "--base-url", _url(server), "--examples", str(examples),
+    )  # fmt: skip
+    assert run_instructions(args) == 0
+    prompt = server.requests[0][2]["prompt"]
+    assert prompt == [few_shot_prompt("a red car", _USER_EXAMPLES)]
+    assert "a bowl of ramen" in prompt[0] and DEFAULT_EXAMPLES[0][0] not in prompt[0]
+
+
+def test_cli_examples_reach_the_transformers_prompt(tiny_lm, tmp_path):
+    examples = read_examples(_write_examples(tmp_path / "ex.jsonl"))
+    args = _parse(
+        "--captions", "c.txt", "--out", "o.jsonl", "--backend", "transformers",
+        "--model", str(tiny_lm), "--examples", "ex.jsonl",
+    )  # fmt: skip
+    backend = make_backend("transformers", **_backend_options(args, examples))
+    prompt, _ = _spy_generate(backend, ["a red car" + DELIMITER_0], SamplingConfig(max_tokens=1))
+    assert backend.tokenizer.decode(prompt) == few_shot_prompt("a red car", _USER_EXAMPLES)
+
+
+def test_cli_bad_examples_fail_before_the_model_loads(tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red car\n")
+    examples = tmp_path / "ex.jsonl"
+    examples.write_text('{"input": "a", "edit": "b", "output": "c"}\nnot json\n')
+    args = _parse(
+        "--captions", str(captions), "--out", str(tmp_path / "o.jsonl"),
+        "--backend", "transformers", "--model", str(tmp_path / "no-such-model"),
+        "--examples", str(examples),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=rf"{examples}:2: not JSON"):
+        run_instructions(args)
+
+
 def test_cli_runs_the_template_backend(tmp_path, capsys):
     captions = tmp_path / "captions.txt"
     captions.write_text("a red car\na dog\na red car\n")
     out = tmp_path / "o.jsonl"
-    args = _parse("--captions", str(captions), "--out", str(out), "--num", "5", "--seed", "3")
+    args = _parse(
+        "--captions", str(captions), "--out", str(out), "--num", "5", "--seed", "3",
+        "--backend", "template",
+    )  # fmt: skip
     assert args.temperature == 0.7 and args.retries == 3 and args.frequency_penalty == 0.1
     assert run_instructions(args) == 0
     assert [line["input"] for line in _lines(out)] == ["a red car", "a dog"]
     printed = capsys.readouterr().out
     assert "2 new" in printed and "1 duplicate input caption" in printed
+
+
+# --- concurrency ----------------------------------------------------------------------------
+
+
+def _answer(caption: str, seed: int) -> str:
+    """A deterministic completion: malformed for about a quarter of (caption, seed)."""
+    if int(hashlib.sha256(f"{caption}:{seed}".encode()).hexdigest(), 16) % 4 == 0:
+        return "no delimiter here"
+    return f" edit {caption} {seed % 7}{DELIMITER_1}{caption} edited {seed % 7}"
+
+
+class _InFlight:
+    """A fake server's answers that record how many requests were in flight at once.
+
+    With ``wait_for_peer`` a request waits (up to 2 s) until a second one has arrived, so a
+    concurrent client is seen overlapping however the threads are scheduled.
+    """
+
+    def __init__(self, wait_for_peer: bool):
+        self.condition = threading.Condition()
+        self.now = self.most = 0
+        self.wait_for_peer = wait_for_peer
+
+    def __call__(self, body):
+        with self.condition:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            self.condition.notify_all()
+            if self.wait_for_peer:
+                self.condition.wait_for(lambda: self.most >= 2, timeout=2)
+        try:
+            texts = [_answer(caption_from_prompt(p), body["seed"]) for p in body["prompt"]]
+            choices = [{"index": i, "text": t} for i, t in enumerate(texts)]
+            return 200, {"choices": choices}
+        finally:
+            with self.condition:
+                self.now -= 1
+
+
+def test_cli_concurrency_keeps_requests_in_flight_and_the_output_of_concurrency_1(
+    server, tmp_path, capsys
+):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("".join(f"caption {i}\n" for i in range(23)))
+    outputs = {}
+    for concurrency in (1, 4):
+        server.default = counter = _InFlight(wait_for_peer=concurrency > 1)
+        server.requests.clear()
+        out = tmp_path / f"o{concurrency}.jsonl"
+        args = _parse(
+            "--captions", str(captions), "--out", str(out), "--batch-size", "3",
+            "--concurrency", str(concurrency), "--seed", "5", *_OPENAI[:4],
+            "--base-url", _url(server),
+        )  # fmt: skip
+        assert run_instructions(args) == 0
+        outputs[concurrency] = (out.read_text(), capsys.readouterr().out.splitlines()[-2])
+        if concurrency == 1:
+            assert counter.most == 1
+        else:
+            assert counter.most >= 2, "never more than one request in flight"
+    assert len(server.requests) > 8  # 8 batches and some retries
+    text, summary = outputs[1]
+    assert "rejected (" in summary and "malformed" in summary  # retries were exercised
+    assert [line["input"] for line in map(json.loads, text.splitlines())][:3] == [
+        "caption 0",
+        "caption 1",
+        "caption 2",
+    ]
+    assert outputs[4] == outputs[1]  # the same file, the same counts
+
+
+class _SlowFirstBackend:
+    """Thread-safe, answers by (caption, seed); "a dog" answers only after "a puppy" has.
+
+    At their first try both give the same result, so at concurrency 2 the later batch
+    ("a puppy") accepts it before the earlier one is written and must run again on its turn.
+    """
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.first_seeds = {call_seed(0, index, 0) for index in range(3)}  # batch_size 1
+        self.puppy_answered = threading.Event()
+        self.calls: list[tuple[tuple[str, ...], int]] = []
+        self.lock = threading.Lock()
+
+    def complete(self, prompts, sampling, seed):
+        captions = tuple(caption_from_prompt(p) for p in prompts)
+        with self.lock:
+            self.calls.append((captions, seed))
+        if "a dog" in captions and self.delay:
+            self.puppy_answered.wait(timeout=2)
+            time.sleep(self.delay)  # let the "a puppy" batch finish its tries meanwhile
+        first = seed in self.first_seeds
+        answers = [
+            _completion("make it a cat", "a cat")
+            if first and caption in ("a dog", "a puppy")
+            else _completion("edit", f"{caption} {'first' if first else 'retried'}")
+            for caption in captions
+        ]
+        if "a puppy" in captions:
+            self.puppy_answered.set()
+        return answers
+
+
+def test_generate_concurrent_batch_that_raced_an_earlier_result_is_run_again(tmp_path):
+    captions = _captions("a dog", "a puppy", "a bird")
+    runs = {}
+    for concurrency in (1, 2):
+        backend = _SlowFirstBackend(delay=0.2 if concurrency > 1 else 0)
+        out = tmp_path / f"o{concurrency}.jsonl"
+        summary = generate_instructions(
+            captions, backend, out, batch_size=1, concurrency=concurrency, progress=False
+        )
+        runs[concurrency] = (out.read_text(), summary, backend.calls)
+    text, summary, calls = runs[1]
+    assert [(x["input"], x["output"]) for x in map(json.loads, text.splitlines())] == [
+        ("a dog", "a cat"),
+        ("a puppy", "a puppy retried"),  # its first result was a duplicate
+        ("a bird", "a bird first"),
+    ]
+    assert summary.rejected["duplicate"] == 1
+    assert runs[2][0] == text and runs[2][1] == summary
+    # The puppy batch ran twice (speculatively, then on its turn): more calls than at 1.
+    assert len(runs[2][2]) > len(calls)
+
+
+def test_generate_concurrency_stops_at_num_samples_and_resumes(tmp_path):
+    captions = _captions(*(f"caption {i}" for i in range(20)))
+    script = {c.text: ["bad", _completion("edit", c.text + " x")] for c in captions}
+    out = tmp_path / "o.jsonl"
+    backend = ScriptedBackend(script)
+    summary = generate_instructions(
+        captions, backend, out, num_samples=7, batch_size=2, concurrency=3, progress=False
+    )
+    assert summary.generated == 7 and len(_lines(out)) == 7
+    # Never more captions asked for than lines missing: 7 captions, in batches of 2, 2, 2, 1.
+    assert sorted(len(p) for p, _ in backend.calls) == [1, 1, 2, 2, 2, 2, 2, 2]
+    again = generate_instructions(
+        captions, ScriptedBackend(script), out, concurrency=3, progress=False
+    )
+    assert (again.resumed, again.generated) == (7, 13)
+    assert [x["input"] for x in _lines(out)] == [c.text for c in captions]
+
+
+def test_generate_concurrency_error_raises_after_writing_the_batches_before(tmp_path):
+    class Failing:
+        def complete(self, prompts, sampling, seed):
+            caption = caption_from_prompt(prompts[0])
+            if caption == "caption 2":
+                raise RuntimeError("server gone")
+            return [_completion("edit", caption + " x")]
+
+    out = tmp_path / "o.jsonl"
+    with pytest.raises(RuntimeError, match="server gone"):
+        generate_instructions(
+            _captions(*(f"caption {i}" for i in range(6))), Failing(), out,
+            batch_size=1, concurrency=3, progress=False,
+        )  # fmt: skip
+    assert [x["input"] for x in _lines(out)] == ["caption 0", "caption 1"]

@@ -152,3 +152,117 @@ def test_processor_borrows_the_right_maps(mode):
         expected = _output(attn, expected_probs, v)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(expected_probs[5], probs[5])  # the check above could fail
+
+
+def test_refine_runs_on_the_device_of_the_attention_tensors():
+    """The mapper and alphas are built from token ids on the CPU; on a GPU, mixing them with
+    the attention maps raised 'Expected all tensors to be on the same device'. The meta device
+    checks devices the same way, so this runs without a GPU."""
+    controller = prompt2prompt.P2PController("refine", active=torch.tensor([True, False]))
+    controller.mapper, controller.alphas = prompt2prompt.refinement_mapper(
+        [0, 5, 7, 1], [0, 5, 6, 7, 1], 6
+    )
+    assert controller.alphas.device.type == "cpu"  # as _set_mapper's tokenizer path gives
+    query = torch.empty(8, 2, 10, 8, device="meta")  # (batch, heads, queries, dim)
+    key, value = (torch.empty(8, 2, 6, 8, device="meta") for _ in range(2))
+    out = torch.empty(8, 2, 10, 8, device="meta")
+    controller.refine(query, key, value, out, scale=8**-0.5)
+    assert out.device.type == "meta"
+
+
+def test_refine_mapper_is_moved_to_the_sampler_device_once_per_prompt(sd_folder):
+    """`_set_mapper` puts the mapper and alphas on the sampler's device and dtype, so no
+    attention call copies them from the host."""
+    ours = sampler(sd_folder, "refine")
+    ours.device = torch.device("meta")  # stands in for a GPU: only _set_mapper is run
+    ours._set_mapper(*CAPTIONS)
+    assert ours.controller.mapper.device.type == "meta"
+    assert ours.controller.alphas.device.type == "meta"
+    assert ours.controller.alphas.dtype == ours.unet.dtype
+
+
+@pytest.fixture(scope="module")
+def other_vae(sd_folder, tmp_path_factory):
+    """The tiny model's VAE with its decoder perturbed, saved as a standalone VAE folder (as
+    stabilityai/sd-vae-ft-mse is: a fine-tuned decoder, the same latent space)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(sd_folder / "vae"))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, param in sorted(vae.decoder.named_parameters()):
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    path = tmp_path_factory.mktemp("vae") / "sd-vae-other"
+    vae.save_pretrained(str(path))
+    return path
+
+
+def _record_decoded_latents(ours: PairSampler) -> list[torch.Tensor]:
+    """The latents each vae.decode call of `ours` receives."""
+    seen, decode = [], ours.vae.decode
+
+    def record(latents, *args, **kwargs):
+        seen.append(latents.clone())
+        return decode(latents, *args, **kwargs)
+
+    ours.vae.decode = record
+    return seen
+
+
+def test_vae_option_changes_the_pixels_not_the_latents(sd_folder, other_vae):
+    from diffusers import AutoencoderKL
+
+    config = PairConfig(steps=2, resolution=32, mode="self")
+    draws = [SampleDraw(7, 0.5, 8.0)]
+    samplers = {
+        "default": PairSampler(sd_folder, config),
+        "own": PairSampler(sd_folder, config, vae=sd_folder / "vae"),
+        "other": PairSampler(sd_folder, config, vae=str(other_vae)),
+    }
+    latents = {name: _record_decoded_latents(s) for name, s in samplers.items()}
+    images = {name: s.render(*CAPTIONS, draws) for name, s in samplers.items()}
+    torch.testing.assert_close(latents["other"][0], latents["default"][0], rtol=0, atol=0)
+    np.testing.assert_array_equal(images["own"], images["default"])  # the same weights
+    assert np.abs(images["other"] - images["default"]).max() > 1e-3
+    # the pixels are the other VAE's decoding of those same latents
+    with torch.no_grad():
+        pixels = AutoencoderKL.from_pretrained(str(other_vae)).decode(latents["default"][0])
+    pixels = (pixels.sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(images["other"].reshape(pixels.shape), pixels, atol=1e-6)
+
+
+def test_vae_option_refuses_what_is_not_a_matching_vae(sd_folder, tmp_path):
+    import re
+
+    from diffusers import AutoencoderKL
+
+    config = PairConfig(steps=2, resolution=32)
+    missing = tmp_path / "no-such-vae"
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text((sd_folder / "vae" / "config.json").read_text())
+    for path, why in [
+        (missing, "no .*config.json"),
+        (sd_folder, "no .*config.json"),  # a pipeline folder, not its vae subfolder
+        (sd_folder / "unet", "'UNet2DConditionModel', not 'AutoencoderKL'"),
+        (weightless, "no weights file"),
+    ]:
+        with pytest.raises(FileNotFoundError, match=re.escape(str(path)) + ".*" + why):
+            PairSampler(sd_folder, config, vae=path)
+
+    base = AutoencoderKL.load_config(str(sd_folder / "vae"))
+    three = tmp_path / "three-channels"
+    AutoencoderKL.from_config({**base, "latent_channels": 3}).save_pretrained(str(three))
+    with pytest.raises(ValueError, match="latent_channels=3.*in_channels=4"):
+        PairSampler(sd_folder, config, vae=three)
+    deeper = tmp_path / "deeper"
+    AutoencoderKL.from_config(
+        {
+            **base,
+            "block_out_channels": [32, 64, 64],
+            "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3,
+        }
+    ).save_pretrained(str(deeper))
+    with pytest.raises(ValueError, match="downsamples by 4 but .* by 2"):
+        PairSampler(sd_folder, config, vae=deeper)

@@ -1,8 +1,9 @@
 """``ip2p datagen``: build edit-pair datasets (TFDS array_record).
 
 shapes: the synthetic shapes world; import: the original release's folders or the hub's
-parquet sets; info: a dataset's splits and metadata; instructions and pairs: the PyTorch side
-(datagen/), whose options and runners come from datagen/*_cli.py (torch is imported when they run).
+parquet sets; info: a dataset's splits and metadata; instructions, finetune-set and pairs: the
+PyTorch side (datagen/), whose options and runners come from datagen/ (torch is imported when
+they run, and finetune-set needs none).
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ def add_parsers(commands) -> None:
         "instructions", help="captions -> instruction + edited caption by an LLM (PyTorch side)"
     )
     _add_torch_side(instructions, "datagen.instructions_cli", "instructions")
+
+    finetune_set = kinds.add_parser(
+        "finetune-set",
+        help="hand-written examples -> prompt/completion JSONL to fine-tune the instruction LLM",
+    )
+    _add_torch_side(finetune_set, "datagen.finetune_set", "finetune_set")
 
     pairs = kinds.add_parser(
         "pairs", help="prompts -> Prompt-to-Prompt image pairs -> CLIP filter (PyTorch side)"
