@@ -35,7 +35,12 @@ def add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cfg", type=float, default=15.0)
     parser.add_argument("--clip-threshold", type=float, default=0.2, help="image-caption sims")
     parser.add_argument("--clip-dir-threshold", type=float, default=0.2, help="direction sim")
-    parser.add_argument("--clip-img-threshold", type=float, default=0.75, help="image-image sim")
+    parser.add_argument(
+        "--clip-img-threshold",
+        type=float,
+        default=0.75,
+        help="image-image sim (the paper's 0.75; the released script's 0.7)",
+    )
     parser.add_argument("--shard", type=int, default=0, help="this job's shard index")
     parser.add_argument("--num-shards", type=int, default=1, help="jobs sharing the prompts")
     parser.add_argument("--seed", type=int, default=0, help="job seed: fixes every sample seed")

@@ -17,7 +17,9 @@
 #                                         the pipeline, not training data.
 # EXAMPLES=examples.jsonl puts your own {input, edit, output} examples in the LLM's few-shot
 # prompt; NO_FEW_SHOT=1 sends the bare prompt (an LLM fine-tuned on the format, see
-# `ip2p datagen finetune-set`).
+# `ip2p datagen finetune-set`). VAE=/path/to/sd-vae-ft-mse decodes as the original did.
+# RAY=1 renders on Ray workers (one per GPU of this host; RAY=auto joins a running cluster)
+# instead of one process per GPU.
 set -euo pipefail
 : "${CAPTIONS:?set CAPTIONS}" "${SD15:?set SD15 to a text-to-image SD folder}" "${CLIP:?set CLIP}"
 OUT=${OUT:-datagen_out}
@@ -60,11 +62,27 @@ GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
 .venv/bin/ip2p datagen instructions --captions "$CAPTIONS" --out "$OUT/prompts.jsonl" \
   "${backend[@]}"
 
+pairs=(--prompts "$OUT/prompts.jsonl" --model "$SD15" --clip "$CLIP" --out "$OUT/pairs"
+  --samples "$SAMPLES" --device cuda --dtype float16 --pairs-per-call 4)
+[[ -n "${VAE:-}" ]] && pairs+=(--vae "$VAE")
+if [[ -n "${RAY:-}" ]]; then
+  # One Ray worker per GPU of this host (RAY=1) or of a running cluster (RAY=auto), with
+  # progress; the dataset is written at the end when every prompt is done.
+  [[ "$RAY" == 1 ]] && address=() || address=("$RAY")
+  exec .venv/bin/ip2p datagen pairs "${pairs[@]}" --ray "${address[@]}" --dataset "$OUT/data"
+fi
+pids=()
 for ((i = 0; i < GPUS; i++)); do
-  CUDA_VISIBLE_DEVICES=$i .venv/bin/ip2p datagen pairs --prompts "$OUT/prompts.jsonl" \
-    --model "$SD15" --clip "$CLIP" --out "$OUT/pairs" --samples "$SAMPLES" \
-    --shard "$i" --num-shards "$GPUS" --device cuda --dtype float16 --pairs-per-call 4 \
-    --no-progress > "$OUT/shard-$i.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$i .venv/bin/ip2p datagen pairs "${pairs[@]}" \
+    --shard "$i" --num-shards "$GPUS" --no-progress > "$OUT/shard-$i.log" 2>&1 &
+  pids+=($!)
 done
-wait
+failed=0
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}" || { echo "shard $i failed: see $OUT/shard-$i.log" >&2; failed=1; }
+done
+if ((failed)); then
+  echo "rerun this command: finished prompts are skipped, failed ones tried again" >&2
+  exit 1
+fi
 .venv/bin/ip2p datagen import original "$OUT/pairs" --out "$OUT/data"
