@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from datagen.clip_filter import FilterConfig
+from datagen.fingerprint import folder_fingerprint
 from datagen.pair_job import (
     PromptRunner,
     generate_pairs,
@@ -226,8 +227,10 @@ def test_cli_builds_a_dataset_the_training_pipeline_reads(tmp_path, sd_folder, c
     args += ["--dataset", str(tmp_path / "data"), "--samples", "2", "--keep", "1"]
     args += ["--steps", "2", "--resolution", "32", "--clip-threshold", "-1"]
     args += ["--clip-dir-threshold", "-1", "--clip-img-threshold", "-1", "--no-progress"]
-    args += ["--pairs-per-call", "2"]
+    args += ["--pairs-per-call", "2", "--vae", str(sd_folder / "vae")]  # decodes as without
     assert main(args) == 0
+    stored = json.loads((tmp_path / "pairs/generation.json").read_text())
+    assert stored["vae_fingerprint"] == folder_fingerprint(sd_folder / "vae")
     sizes = split_sizes(tmp_path / "data")
     assert sizes == {"train": 18, "validation": 1, "test": 1}  # the original's 0.9/0.05/0.05
     augmentation = Augmentation(crop=32, min_resize=32, max_resize=32)
