@@ -239,6 +239,14 @@ class PairSampler:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
+def check_folders(model: str | os.PathLike, vae: str | os.PathLike | None = None) -> None:
+    """Raises FileNotFoundError, saying what was expected, when `model` is not a diffusers SD
+    folder or `vae` not an AutoencoderKL folder: a job checks before it starts any worker."""
+    _model_folder(model)
+    if vae is not None:
+        _vae_folder(vae)
+
+
 def _model_folder(model: str | os.PathLike) -> Path:
     folder = Path(model)
     if not (folder / "unet").is_dir():

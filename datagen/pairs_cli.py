@@ -78,8 +78,9 @@ def _job_spec(args: argparse.Namespace) -> JobSpec:
     """The job from the options; every bad option fails here, before any model loads."""
     from datagen.clip_filter import FilterConfig
     from datagen.pair_job import JobSpec
-    from datagen.pairs import PairConfig
+    from datagen.pairs import PairConfig, check_folders
 
+    check_folders(args.model, args.vae)
     if args.samples < 1 or args.keep < 1:
         raise ValueError(f"--samples and --keep must be positive, got {args.samples}, {args.keep}")
     if not 0 <= args.max_failed <= 1:

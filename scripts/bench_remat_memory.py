@@ -39,22 +39,9 @@ from ip2p_jax.train.config import DataConfig, RuntimeConfig, TrainConfig
 from ip2p_jax.train.models import ModelSet
 from ip2p_jax.train.optim import make_optimizer
 from ip2p_jax.train.step import Trainer, TrainState, training_profile
-from ip2p_jax.weights.model_folder import (
-    COMPONENTS,
-    LoadedComponent,
-    abstract_params,
-    build_module,
-)
+from ip2p_jax.weights.model_folder import abstract_component
 
 GIB = 2**30
-
-
-def abstract_component(name: str, raw: dict, profile) -> LoadedComponent:
-    """A component of the preset with its params' shapes only."""
-    component = COMPONENTS[name]
-    config = component.config_class.from_dict(raw, source=f"sd15 {name}")
-    module = build_module(component, config, profile)
-    return LoadedComponent(config, raw, module, abstract_params(component, config))
 
 
 def abstract_trainer(config: TrainConfig) -> Trainer:

@@ -63,10 +63,7 @@ from ip2p_jax.train.config import ModelConfig, TrainConfig  # noqa: E402
 from ip2p_jax.train.models import ModelSet  # noqa: E402
 from ip2p_jax.train.step import abstract_trainer  # noqa: E402
 from ip2p_jax.weights.model_folder import (  # noqa: E402
-    COMPONENTS,
-    LoadedComponent,
-    abstract_params,
-    build_module,
+    abstract_component,
 )
 
 # The backend profile each lowering platform runs under (runtime.profile's names).
@@ -189,18 +186,6 @@ def check(
     )
 
 
-def _abstract(name: str, raw: dict, profile, dtype: str, param_dtype: str) -> LoadedComponent:
-    """A component whose params are shapes only (``jax.ShapeDtypeStruct``) in ``param_dtype``,
-    its module run as ``profile`` says, computing in ``dtype``."""
-    component = COMPONENTS[name]
-    config = component.config_class.from_dict(raw, source=f"{name} config")
-    params = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(param_dtype)),
-        abstract_params(component, config),
-    )
-    return LoadedComponent(config, raw, build_module(component, config, profile, dtype), params)
-
-
 def _kernel_for(platform: str, attention: str | None) -> tuple[str, str]:
     """The attention kernel a platform's programs are lowered with, and why it differs from
     the profile's, if it does."""
@@ -223,7 +208,9 @@ def lower_sampling(
     """The sampling loop (``pipelines.base``'s program) for ``platform``: three guidance rows,
     Euler ancestral, 50 steps, UNet params in ``dtype``."""
     profile = profile_for(PROFILE_OF[platform], attention_kernel=kernel)
-    unet = _abstract("unet", PRESETS[size]["unet"], profile, dtype, dtype)
+    unet = abstract_component(
+        "unet", PRESETS[size]["unet"], profile, compute_dtype=dtype, param_dtype=dtype
+    )
     sampler = get_sampler("euler_ancestral")
     plan = sampler.plan(NoiseSchedule.from_dict(SD_SCHEDULER_CONFIG), 50)
     vae_blocks = PRESETS[size]["vae"]["block_out_channels"]
@@ -261,9 +248,11 @@ def lower_train_step(
     profile = profile_for(PROFILE_OF[platform], attention_kernel=kernel)
     preset = PRESETS[size]
     models = ModelSet(
-        unet=_abstract("unet", preset["unet"], profile, dtype, "float32"),
-        vae=_abstract("vae", preset["vae"], profile, "float32", "float32"),
-        text_encoder=_abstract("text_encoder", preset["text_encoder"], profile, dtype, "float32"),
+        unet=abstract_component("unet", preset["unet"], profile, compute_dtype=dtype),
+        vae=abstract_component("vae", preset["vae"], profile, compute_dtype="float32"),
+        text_encoder=abstract_component(
+            "text_encoder", preset["text_encoder"], profile, compute_dtype=dtype
+        ),
         tokenizer=CLIPTokenizer.bundled(),
         schedule=NoiseSchedule.from_dict(SD_SCHEDULER_CONFIG),
     )

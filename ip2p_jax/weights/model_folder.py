@@ -161,6 +161,28 @@ def abstract_params(component: Component, config: Any) -> dict:
     return jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
 
 
+def abstract_component(
+    name: str,
+    raw: dict,
+    profile: BackendProfile | None = None,
+    *,
+    compute_dtype: str | None = None,
+    param_dtype: str = "float32",
+) -> LoadedComponent:
+    """Component ``name`` ("unet", "vae", "text_encoder") of the diffusers config ``raw`` with
+    params as shapes only (``jax.ShapeDtypeStruct`` in ``param_dtype``): a model to lower, cost
+    or plan memory for at full size without allocating it. Its module is run as
+    `build_module` says."""
+    component = COMPONENTS[name]
+    config = component.config_class.from_dict(raw, source=f"{name} config")
+    params = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(param_dtype)),
+        abstract_params(component, config),
+    )
+    module = build_module(component, config, profile, compute_dtype)
+    return LoadedComponent(config, raw, module, params)
+
+
 def is_our_checkpoint(folder: Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
