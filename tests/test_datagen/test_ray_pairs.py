@@ -155,7 +155,9 @@ def test_a_killed_worker_s_prompt_is_retried_on_another(
     finally:
         job.kill()
     assert job.returncode == 0, output
-    assert "worker lost on prompt" in output and "retrying it" in output, output
+    # Its prompt is handed to another worker, or counted done when the kill came between
+    # writing the prompt and reporting it.
+    assert "worker lost on prompt" in output or "worker lost after it wrote" in output, output
     # A rerun finds everything done.
     rerun = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
