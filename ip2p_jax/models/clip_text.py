@@ -1,4 +1,5 @@
-"""CLIPTextModel (transformers) in Flax linen: the text encoder of Stable Diffusion.
+"""CLIPTextModel and CLIPTextModelWithProjection (transformers) in Flax linen: the text
+encoders of Stable Diffusion (SDXL's second one has the projection).
 
 Param paths mirror transformers 5 (``embeddings/token_embedding``, ``encoder/layers_3/mlp/fc1``,
 ``final_layer_norm``); checkpoints that carry the older ``text_model.`` prefix convert too.
@@ -38,6 +39,10 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
+    # CLIPTextModelWithProjection (SDXL's second encoder): the pooled output through
+    # text_projection (no bias) as `text_embeds`. None for a plain CLIPTextModel, whose
+    # config may name a projection_dim it has no weights for.
+    projection_dim: int | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "text_encoder config") -> CLIPTextConfig:
@@ -59,8 +64,13 @@ class CLIPTextConfig:
         eos = raw.get("eos_token_id", 49407)
         if isinstance(eos, list):
             eos = eos[0]
-        fields = {f.name for f in dataclasses.fields(cls)} - {"eos_token_id"}
-        return cls(**{k: raw[k] for k in fields if k in raw}, eos_token_id=eos)
+        fields = {f.name for f in dataclasses.fields(cls)} - {"eos_token_id", "projection_dim"}
+        projection = None
+        if architectures[0] == "CLIPTextModelWithProjection":
+            projection = raw.get("projection_dim", 512)  # transformers' default
+        return cls(
+            **{k: raw[k] for k in fields if k in raw}, eos_token_id=eos, projection_dim=projection
+        )
 
     @classmethod
     def from_file(cls, path: str | Path) -> CLIPTextConfig:
@@ -72,11 +82,14 @@ class CLIPTextConfig:
 @dataclasses.dataclass(frozen=True)
 class CLIPTextOutput:
     """``last_hidden_state`` (after the final LayerNorm), ``pooler_output`` (the EOS token),
-    and ``hidden_states``: the embeddings and each layer's output, before the final norm."""
+    ``hidden_states``: the embeddings and each layer's output, before the final norm; and
+    ``text_embeds``, the projected pooled output of a CLIPTextModelWithProjection (else None).
+    """
 
     last_hidden_state: jax.Array
     pooler_output: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
+    text_embeds: jax.Array | None = None
 
 
 class CLIPAttention(nn.Module):
@@ -186,4 +199,8 @@ class CLIPTextModel(nn.Module):
         else:
             eos_position = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
         pooled = jnp.take_along_axis(last, eos_position[:, None, None], axis=1)[:, 0]
-        return CLIPTextOutput(last, pooled, tuple(hidden_states) if output_hidden_states else None)
+        projected = None
+        if cfg.projection_dim is not None:
+            projected = dense(cfg.projection_dim, "text_projection", run, use_bias=False)(pooled)
+        hidden = tuple(hidden_states) if output_hidden_states else None
+        return CLIPTextOutput(last, pooled, hidden, projected)

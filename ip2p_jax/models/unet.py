@@ -56,6 +56,9 @@ _USED = {
     "num_attention_heads": None,
     "use_linear_projection": False,
     "upcast_attention": False,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None,
 }
 # Fields of diffusers' UNet2DConditionModel that change the math; we implement one value each.
 _PINNED = {
@@ -69,8 +72,6 @@ _PINNED = {
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
@@ -82,14 +83,15 @@ _PINNED = {
     "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
     "cross_attention_norm": None,
 }
-# Only read by the addition embedding, which is pinned off.
+# Only read by the "text" addition embedding, which we do not implement.
 _HARMLESS = frozenset({"addition_embed_type_num_heads"})
+# The added conditioning we implement: SDXL's time ids and pooled text ("text_time").
+ADDITION_EMBED_TYPES = (None, "text_time")
 # The jax.checkpoint_policies (those without arguments) a UNet's blocks can be rematerialised
 # with, by name: what each block saves for the backward pass (the rest is recomputed).
 REMAT_POLICIES = (
@@ -122,6 +124,11 @@ class UNetConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     sample_size: int = 64
+    # SDXL: sinusoidal features of the time ids (addition_time_embed_dim each) joined to the
+    # pooled text embedding, projection_class_embeddings_input_dim in all, added to temb.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "unet config") -> UNetConfig:
@@ -140,6 +147,14 @@ class UNetConfig:
             raise ConfigError(f"{source}: per-block cross_attention_dim is not supported")
         if f["block_out_channels"][0] % 2:
             raise ConfigError(f"{source}: block_out_channels[0] must be even")
+        if f["addition_embed_type"] not in ADDITION_EMBED_TYPES:
+            raise ConfigError(
+                f"{source}: addition_embed_type={f['addition_embed_type']!r} is not supported "
+                f"(only {ADDITION_EMBED_TYPES})"
+            )
+        added = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+        if f["addition_embed_type"] == "text_time" and not all(f[k] for k in added):
+            raise ConfigError(f"{source}: addition_embed_type 'text_time' needs {added}")
         # diffusers' historic naming: attention_head_dim holds the number of heads.
         heads = f["num_attention_heads"] or f["attention_head_dim"]
         return cls(
@@ -163,6 +178,9 @@ class UNetConfig:
             norm_num_groups=f["norm_num_groups"],
             norm_eps=f["norm_eps"],
             sample_size=f["sample_size"],
+            addition_embed_type=f["addition_embed_type"],
+            addition_time_embed_dim=f["addition_time_embed_dim"],
+            projection_class_embeddings_input_dim=f["projection_class_embeddings_input_dim"],
         )
 
     @classmethod
@@ -431,8 +449,16 @@ class UNet2DConditionModel(nn.Module):
 
     @nn.compact
     def __call__(
-        self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        encoder_hidden_states: jax.Array,
+        text_embeds: jax.Array | None = None,
+        time_ids: jax.Array | None = None,
     ) -> jax.Array:
+        """``text_embeds`` [B, D] (the pooled text) and ``time_ids`` [B, 6] are SDXL's added
+        conditioning (diffusers' ``added_cond_kwargs``), needed when the config's
+        addition_embed_type is "text_time" and refused otherwise."""
         cfg = self.config
         first = cfg.block_out_channels[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
@@ -442,6 +468,9 @@ class UNet2DConditionModel(nn.Module):
         temb = TimestepEmbedding(first * 4, run, name="time_embedding")(
             t_emb.astype(run.compute_dtype)
         )
+        added = self._added_embedding(text_embeds, time_ids, sample.shape[0])
+        if added is not None:
+            temb = temb + added
         context = encoder_hidden_states.astype(run.compute_dtype)
         down, mid, up = self.block_specs()
         block = functools.partial(UNetBlock, execution=run, remat_policy=remat)
@@ -462,3 +491,40 @@ class UNet2DConditionModel(nn.Module):
 
         h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(h))
         return conv(cfg.out_channels, 3, "conv_out", execution=run)(h)
+
+    def _added_embedding(
+        self, text_embeds: jax.Array | None, time_ids: jax.Array | None, batch: int
+    ) -> jax.Array | None:
+        """SDXL's "text_time" embedding (diffusers' add_time_proj + add_embedding), or None
+        for a UNet without added conditioning. Shapes are checked here, at trace time."""
+        cfg, run = self.config, self.execution
+        given = text_embeds is not None or time_ids is not None
+        if cfg.addition_embed_type is None:
+            if given:
+                raise ValueError(
+                    "this UNet takes no text_embeds or time_ids (no addition_embed_type)"
+                )
+            return None
+        if text_embeds is None or time_ids is None:
+            raise ValueError(
+                "an SDXL UNet (addition_embed_type 'text_time') needs text_embeds [batch, D] "
+                "and time_ids [batch, 6]"
+            )
+        width = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+        if (
+            text_embeds.shape[0] != batch
+            or time_ids.shape[0] != batch
+            or (width != cfg.projection_class_embeddings_input_dim)
+        ):
+            raise ValueError(
+                f"text_embeds {text_embeds.shape} and time_ids {time_ids.shape} give "
+                f"{width} features for batch {batch}; the UNet expects "
+                f"{cfg.projection_class_embeddings_input_dim} (pooled text + time ids x "
+                f"{cfg.addition_time_embed_dim})"
+            )
+        features = timestep_embedding(
+            time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+        ).reshape(batch, -1)
+        joined = jnp.concatenate([text_embeds.astype(jnp.float32), features], axis=-1)
+        embedding = TimestepEmbedding(cfg.block_out_channels[0] * 4, run, name="add_embedding")
+        return embedding(joined.astype(run.compute_dtype))

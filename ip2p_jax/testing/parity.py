@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ip2p_jax.models.config import load_json
 from ip2p_jax.models.tokenizer import CLIPTokenizer
 from ip2p_jax.models.vae import AutoencoderKL
 from ip2p_jax.runtime.compilation import jit
@@ -32,7 +33,7 @@ DEFAULT_PROMPTS = (
     "make it look like a watercolor painting, with soft edges & muted colours",
     "",
 )
-COMPONENT_NAMES = ("unet", "vae", "text_encoder")
+COMPONENT_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +135,20 @@ def compare_unet(
     sample = torch.randn(batch, cfg.in_channels, side, side, generator=g)
     timesteps = torch.randint(0, 1000, (batch,), generator=g).float()
     context = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g)
+    added = {}
+    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text and time ids
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        # (original size, crop top-left, target size) as the pipeline makes them, in pixels
+        sizes = torch.randint(resolution // 2, 2 * resolution, (batch, 2), generator=g)
+        crops = torch.randint(0, resolution // 4, (batch, 2), generator=g)
+        added = {
+            "text_embeds": torch.randn(batch, pooled, generator=g),
+            "time_ids": torch.cat([sizes, crops, sizes], dim=1).float(),
+        }
     with torch.no_grad():
         inputs = (t.to(device) for t in (sample, timesteps, context))
-        expected = _host(reference(*inputs).sample)
+        kwargs = {"added_cond_kwargs": {k: v.to(device) for k, v in added.items()}} if added else {}
+        expected = _host(reference(*inputs, **kwargs).sample)
     del reference
     _release_torch_memory(torch)
     ours = load_component(folder, "unet", dtype=dtype, compute_dtype=dtype)
@@ -146,6 +158,7 @@ def compare_unet(
         _nhwc(sample),
         jnp.asarray(timesteps.numpy()),
         jnp.asarray(context.numpy()),
+        **{k: jnp.asarray(v.numpy()) for k, v in added.items()},
     )
     return [_compare("unet", "sample", _nchw(out), expected, tolerance)]
 
@@ -187,35 +200,44 @@ def compare_text_encoder(
     tolerance: float,
     dtype: str = "float32",
     device: str = "cpu",
+    name: str = "text_encoder",
 ) -> list[Comparison]:
-    """Last hidden state, pooled output and penultimate layer (SD-2's) on tokenized prompts;
-    ours with params and compute in ``dtype``, the reference in float32 on torch's
-    ``device``."""
+    """Last hidden state, the penultimate layer (SD-2's and SDXL's) and the pooled output on
+    tokenized prompts: ``pooler_output`` for a CLIPTextModel, ``text_embeds`` (the projected
+    pool) for a CLIPTextModelWithProjection (SDXL's ``text_encoder_2``, with ``tokenizer_2``).
+    Ours with params and compute in ``dtype``, the reference in float32 on torch's ``device``."""
     import torch
-    from transformers import CLIPTextModel as TorchCLIPTextModel
+    import transformers
 
-    reference = TorchCLIPTextModel.from_pretrained(folder / "text_encoder").float().eval()
-    reference = reference.to(device)
-    ids = CLIPTokenizer.from_folder(folder / "tokenizer")(list(prompts))
+    config = load_json(folder / name / "config.json")
+    architecture = (config.get("architectures") or ["CLIPTextModel"])[0]
+    reference = getattr(transformers, architecture).from_pretrained(folder / name)
+    reference = reference.float().eval().to(device)
+    projected = architecture == "CLIPTextModelWithProjection"
+    tokenizer = folder / name.replace("text_encoder", "tokenizer")
+    ids = CLIPTokenizer.from_folder(tokenizer)(list(prompts))
     with torch.no_grad():
         tokens = torch.as_tensor(ids, dtype=torch.long, device=device)
         outputs = reference(tokens, output_hidden_states=True)
+        pooled = outputs.text_embeds if projected else outputs.pooler_output
         expected = {
             "last_hidden_state": _host(outputs.last_hidden_state),
-            "pooler_output": _host(outputs.pooler_output),
+            "text_embeds" if projected else "pooler_output": _host(pooled),
             "hidden_states[-2]": _host(outputs.hidden_states[-2]),
         }
     del reference, outputs
     _release_torch_memory(torch)
-    ours = load_component(folder, "text_encoder", dtype=dtype, compute_dtype=dtype)
+    ours = load_component(folder, name, dtype=dtype, compute_dtype=dtype)
     apply = jit(ours.module.apply, static_argnames="output_hidden_states")
     out = apply({"params": ours.params}, jnp.asarray(ids), output_hidden_states=True)
     got = {
         "last_hidden_state": out.last_hidden_state,
-        "pooler_output": out.pooler_output,
+        "text_embeds" if projected else "pooler_output": (
+            out.text_embeds if projected else out.pooler_output
+        ),
         "hidden_states[-2]": out.hidden_states[-2],
     }
-    return [_compare("text_encoder", k, got[k], expected[k], tolerance) for k in expected]
+    return [_compare(name, k, got[k], expected[k], tolerance) for k in expected]
 
 
 PIPELINE_SCHEDULERS = {
@@ -320,7 +342,7 @@ def compare_pipeline(
 def run_parity(
     folder: str | Path,
     *,
-    components: Sequence[str] = COMPONENT_NAMES,
+    components: Sequence[str] | None = None,
     resolution: int = 256,
     batch: int = 2,
     seed: int = 0,
@@ -341,6 +363,8 @@ def run_parity(
     exact = TOLERANCES["float32"].component if tolerance is None else tolerance
     if resolution % 8:
         raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
+    if components is None:  # those the folder has (SDXL's has text_encoder_2)
+        components = [n for n in COMPONENT_NAMES if (folder / n / "config.json").is_file()]
     if unknown := set(components) - set(COMPONENT_NAMES):
         raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENT_NAMES}")
     for name in components:
@@ -351,8 +375,9 @@ def run_parity(
         results += compare_unet(folder, resolution, batch, seed, low, dtype)
     if "vae" in components:
         results += compare_vae(folder, resolution, batch, seed, exact)
-    if "text_encoder" in components:
-        results += compare_text_encoder(folder, prompts, low, dtype)
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in components:
+            results += compare_text_encoder(folder, prompts, low, dtype, name=name)
     if pipeline:
         results += compare_pipeline(folder, resolution, seed, samplers=samplers, dtype=dtype)
     return results

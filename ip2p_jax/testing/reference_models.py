@@ -44,6 +44,32 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "vae": _TINY_VAE,
         "text_encoder": {**_TINY_TEXT, "hidden_size": 48, "hidden_act": "gelu"},
     },
+    # SDXL in miniature (diffusers' own SDXL InstructPix2Pix test model, made stricter): no
+    # attention at the top level, per-level transformer depths and heads, linear projections,
+    # the "text_time" added conditioning, and two text encoders of different widths whose
+    # penultimate states are joined (32 + 48 = 80), the second one's pooled output projected.
+    "tiny-sdxl": {
+        "unet": {
+            **_TINY_UNET,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "attention_head_dim": [2, 4],
+            "transformer_layers_per_block": [1, 2],
+            "use_linear_projection": True,
+            "cross_attention_dim": 80,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + 24,
+        },
+        "vae": {**_TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
+        "text_encoder": _TINY_TEXT,
+        "text_encoder_2": {
+            **_TINY_TEXT,
+            "hidden_size": 48,
+            "hidden_act": "gelu",
+            "projection_dim": 24,
+        },
+    },
     # The real SD-1.5 architecture (UNet widened to 8 input channels as InstructPix2Pix).
     "sd15": {
         "unet": {"in_channels": 8, "cross_attention_dim": 768, "sample_size": 64},
@@ -89,11 +115,12 @@ def _perturb(module: Any, seed: int) -> None:
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
 
 
-def build_components(preset: str = "tiny", seed: int = 0, overrides: dict | None = None):
-    """PyTorch (unet, vae, text_encoder) with random weights for a preset, in eval mode."""
+def build_modules(preset: str = "tiny", seed: int = 0, overrides: dict | None = None) -> dict:
+    """The preset's PyTorch components with random weights, in eval mode, by folder name:
+    unet, vae, text_encoder, and SDXL's text_encoder_2 (a CLIPTextModelWithProjection)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -101,13 +128,24 @@ def build_components(preset: str = "tiny", seed: int = 0, overrides: dict | None
     for name, fields in (overrides or {}).items():
         configs[name].update(fields)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**configs["unet"])
-    vae = AutoencoderKL(**configs["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-    for offset, module in enumerate((unet, vae, text_encoder)):
+    modules = {
+        "unet": UNet2DConditionModel(**configs["unet"]),
+        "vae": AutoencoderKL(**configs["vae"]),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+    }
+    if "text_encoder_2" in configs:
+        text_config = CLIPTextConfig(**configs["text_encoder_2"])
+        modules["text_encoder_2"] = CLIPTextModelWithProjection(text_config)
+    for offset, module in enumerate(modules.values()):
         _perturb(module, seed + offset)
         module.eval()
-    return unet, vae, text_encoder
+    return modules
+
+
+def build_components(preset: str = "tiny", seed: int = 0, overrides: dict | None = None):
+    """PyTorch (unet, vae, text_encoder) with random weights for a preset, in eval mode."""
+    modules = build_modules(preset, seed, overrides)
+    return modules["unet"], modules["vae"], modules["text_encoder"]
 
 
 def build_pipeline_folder(
@@ -130,6 +168,48 @@ def build_pipeline_folder(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(path))
+    return Path(path)
+
+
+def build_sdxl_folder(
+    path: str | Path,
+    preset: str = "tiny-sdxl",
+    seed: int = 0,
+    overrides: dict | None = None,
+    *,
+    scheduler: str = "EulerDiscreteScheduler",
+) -> Path:
+    """Saves a random-weight ``StableDiffusionXLInstructPix2PixPipeline`` folder at ``path``:
+    both tokenizers are the bundled CLIP one, the second padding with "!" as SDXL's does.
+    ``scheduler`` "EDMEulerScheduler" makes a CosXL-Edit-style folder (v-prediction)."""
+    import diffusers
+    from diffusers import StableDiffusionXLInstructPix2PixPipeline
+    from transformers import CLIPTokenizer
+
+    modules = build_modules(preset, seed, overrides)
+    tokenizer = CLIPTokenizer.from_pretrained(str(BUNDLED_DIR))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(BUNDLED_DIR), pad_token="!")
+    schedulers = {
+        "EulerDiscreteScheduler": {**SCHEDULER, "timestep_spacing": "leading"},
+        "EDMEulerScheduler": {
+            "sigma_min": 0.002,
+            "sigma_max": 120.0,
+            "sigma_data": 1.0,
+            "prediction_type": "v_prediction",
+            "sigma_schedule": "exponential",
+        },
+    }
+    if scheduler not in schedulers:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(schedulers)}")
+    pipe = StableDiffusionXLInstructPix2PixPipeline(
+        **modules,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=getattr(diffusers, scheduler)(**schedulers[scheduler]),
+        add_watermarker=False,
+        is_cosxl_edit=scheduler == "EDMEulerScheduler",
     )
     pipe.save_pretrained(str(path))
     return Path(path)

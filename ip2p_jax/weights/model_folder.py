@@ -79,15 +79,29 @@ class Component:
     weights_stem: str  # diffusers / transformers weight file name, without suffix
     example_inputs: Callable[[Any], tuple]  # config -> inputs that trace ``init``
     torch_prefix: str = ""  # prefix of exported keys
+    unprefixed: frozenset[str] = frozenset()  # top-level params exported without the prefix
+
+    def state_dict(self, params: Mapping) -> dict[str, np.ndarray]:
+        """``params`` as the PyTorch class names them (the inverse of loading)."""
+        state = params_to_state_dict(
+            {k: v for k, v in params.items() if k not in self.unprefixed}, self.torch_prefix
+        )
+        kept = {k: v for k, v in params.items() if k in self.unprefixed}
+        return {**state, **params_to_state_dict(kept)}
 
 
 def _unet_inputs(cfg: UNetConfig) -> tuple:
     side = 2 ** len(cfg.block_out_channels)
-    return (
+    inputs = (
         jnp.zeros((1, side, side, cfg.in_channels)),
         jnp.zeros((1,)),
         jnp.zeros((1, 1, cfg.cross_attention_dim)),
     )
+    if cfg.addition_embed_type is None:
+        return inputs
+    # SDXL's six time ids; the pooled text takes the rest of the added embedding's input.
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    return (*inputs, jnp.zeros((1, pooled)), jnp.zeros((1, 6)))
 
 
 def _vae_inputs(cfg: VAEConfig) -> tuple:
@@ -108,7 +122,19 @@ COMPONENTS = {
     "text_encoder": Component(
         "text_encoder", CLIPTextConfig, CLIPTextModel, "model", _text_inputs, "text_model."
     ),
+    # SDXL's second encoder, a CLIPTextModelWithProjection: text_model.* and text_projection.
+    "text_encoder_2": Component(
+        "text_encoder_2",
+        CLIPTextConfig,
+        CLIPTextModel,
+        "model",
+        _text_inputs,
+        "text_model.",
+        frozenset({"text_projection"}),
+    ),
 }
+# The components of a Stable Diffusion (1.x, 2.x) InstructPix2Pix folder.
+SD_COMPONENTS = ("unet", "vae", "text_encoder")
 
 
 def param_dtype(dtype: str | np.dtype) -> np.dtype:
@@ -348,7 +374,7 @@ def convert_to_flax(
     *,
     in_channels: int | None = None,
     overwrite: bool = False,
-    components: tuple[str, ...] = tuple(COMPONENTS),
+    components: tuple[str, ...] = SD_COMPONENTS,
     dtype: str = "float32",
 ) -> Path:
     """A diffusers folder (or hub id) -> our checkpoint in ``dtype``, written atomically.
@@ -425,9 +451,10 @@ def export_diffusers(
     destination = Path(destination)
     unet_channels = 4
     with atomic_folder(destination, overwrite) as staging:
-        for name, component in COMPONENTS.items():
+        for name in SD_COMPONENTS:
+            component = COMPONENTS[name]
             loaded = load_component(source, name, dtype=dtype)
-            state = params_to_state_dict(loaded.params, component.torch_prefix)
+            state = component.state_dict(loaded.params)
             weights = staging / name / f"{component.weights_stem}.safetensors"
             write_safetensors(weights, state, {"format": "pt"})
             (staging / name / "config.json").write_text(json.dumps(loaded.raw_config, indent=2))
