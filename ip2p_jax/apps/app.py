@@ -169,10 +169,10 @@ def launch_app(
     ``attention`` kernel (None: the backend's, see EditPipeline.from_pretrained) and serves
     the page; returns the Gradio Blocks (already serving when ``block`` is False)."""
     from ip2p_jax.apps.shipped import sampling_defaults, shipped_model
-    from ip2p_jax.pipelines.edit import EditPipeline
+    from ip2p_jax.pipelines.auto import load_edit_pipeline
 
     shipped = model is None
-    pipeline = EditPipeline.from_pretrained(
+    pipeline = load_edit_pipeline(
         shipped_model() if shipped else model, dtype=dtype, attention=attention
     )
     defaults = sampling_defaults(shipped)

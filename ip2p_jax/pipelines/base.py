@@ -61,13 +61,14 @@ class StepProgress:
 @dataclasses.dataclass(frozen=True)
 class GuidedBatch:
     """What one sampling run is conditioned on, a row per example (padded, sharded over
-    'data'): the text states and their null (negative) text, the image latent (zero channels
-    for text-only guidance), the two guidance scales and the per-example keys.
+    'data'): the text states and their null (negative) text (for SDXL, dicts of the UNet's
+    encoder_hidden_states, text_embeds and time_ids), the image latent (zero channels for
+    text-only guidance), the two guidance scales and the per-example keys.
     ``init_noise`` [B, h, w, 4] and ``step_noise`` [steps, B, h, w, 4] replace the draws from
     the keys (parity tests against diffusers' generator)."""
 
-    text: jax.Array
-    null_text: jax.Array
+    text: jax.Array | dict
+    null_text: jax.Array | dict
     image_latent: jax.Array
     text_scale: jax.Array
     image_scale: jax.Array
@@ -89,8 +90,14 @@ def sample_latents(
     """The sampling program: the guided sampling loop from the batch's initial noise to clean
     latents (float32). The first five arguments are static (jitted as ``_sample_latents``;
     scripts/check_lowering.py lowers it for other platforms)."""
+
+    def unet(x, t, context):
+        if isinstance(context, dict):  # SDXL: the text states and the added conditioning
+            return unet_module.apply({"params": unet_params}, x, t, **context)
+        return unet_module.apply({"params": unet_params}, x, t, context)
+
     denoise = guided_denoiser(
-        lambda x, t, ctx: unet_module.apply({"params": unet_params}, x, t, ctx),
+        unet,
         text=batch.text,
         null_text=batch.null_text,
         image_latent=batch.image_latent,
@@ -157,13 +164,17 @@ class LatentPipeline:
     def check_components(unet: LoadedComponent, vae: LoadedComponent) -> None:
         """Raises ValueError when the UNet does not fit the pipeline (subclasses)."""
 
+    # The model components a folder of this pipeline has (loaded by from_pretrained), and
+    # the other subfolders it needs.
+    COMPONENTS: tuple[str, ...] = ("unet", "vae", "text_encoder")
+    SIDE_FOLDERS: tuple[str, ...] = ("tokenizer",)
+
     @classmethod
     def model_folder(cls, model: str | os.PathLike) -> Path:
         """The model's folder, once it has every component's subfolder."""
         folder = resolve_model(model)
-        missing = [
-            c for c in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / c).is_dir()
-        ]
+        needed = cls.COMPONENTS + cls.SIDE_FOLDERS
+        missing = [c for c in needed if not (folder / c).is_dir()]
         if missing:
             raise FileNotFoundError(f"{folder} lacks {', '.join(m + '/' for m in missing)}")
         return folder
@@ -195,17 +206,24 @@ class LatentPipeline:
         if profile.tune_malloc:  # until the first edit has compiled (see memory.py)
             memory.release_large_blocks()
         mesh = mesh or data_mesh()
-        dtypes = {"unet": dtype, "vae": vae_dtype, "text_encoder": dtype}
-        components = [
-            load_component(
+        dtypes = {name: vae_dtype if name == "vae" else dtype for name in cls.COMPONENTS}
+        components = {
+            name: load_component(
                 folder, name, dtype=dtypes[name], profile=profile, compute_dtype=dtypes[name]
             )
             for name in dtypes
-        ]
-        for component in components:  # ours alone: each host array is freed once placed
+        }
+        for component in components.values():  # ours: each host array freed once placed
             memory.move_to_devices(component, NamedSharding(mesh, P()))
+        return cls.assemble(folder, components, mesh)
+
+    @classmethod
+    def assemble(cls, folder: Path, components: dict[str, LoadedComponent], mesh: Mesh):
+        """The pipeline from its loaded components and the folder's other parts."""
         return cls(
-            *components,
+            components["unet"],
+            components["vae"],
+            components["text_encoder"],
             CLIPTokenizer.from_folder(folder / "tokenizer"),
             NoiseSchedule.from_folder(folder),
             mesh,
@@ -231,10 +249,16 @@ class LatentPipeline:
         return -batch % self.mesh.devices.size
 
     def _encode_prompt_pairs(
-        self, prompts: list[str], negatives: list[str], padded: int
+        self,
+        prompts: list[str],
+        negatives: list[str] | None,
+        padded: int,
+        size: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """Text states of the prompts and of their null (negative) prompts, each padded by
-        repeating the last row: one text-encoder call for both."""
+        """Text states of the prompts and of their null (negative) prompts, "" where
+        ``negatives`` is None, each padded by repeating the last row: one text-encoder call
+        for both. ``size`` is the (height, width) edited (SDXL's time ids take it)."""
+        negatives = [""] * len(prompts) if negatives is None else negatives
         states = self.encode_prompts(
             prompts + prompts[-1:] * padded + negatives + negatives[-1:] * padded
         )

@@ -55,7 +55,7 @@ class EditPipeline(LatentPipeline):
         image_scale: float | Sequence[float] = 1.5,
         seeds: Sequence[int] | None = None,
         sampler: str | Sampler = "euler_ancestral",
-        negative_prompt: str | Sequence[str] = "",
+        negative_prompt: str | Sequence[str] | None = None,
         init_noise: np.ndarray | None = None,
         step_noise: np.ndarray | None = None,
         progress: bool | None = None,
@@ -67,7 +67,9 @@ class EditPipeline(LatentPipeline):
         """
         batch = pixels.shape[0]
         instructions = list(instructions)
-        negatives = per_example(negative_prompt, batch, "negative_prompt")
+        negatives = None
+        if negative_prompt is not None:  # None: "" (SDXL: zeros, as diffusers)
+            negatives = per_example(negative_prompt, batch, "negative_prompt")
         s_t = np.asarray(per_example(text_scale, batch, "text_scale"), np.float32)
         s_i = np.asarray(per_example(image_scale, batch, "image_scale"), np.float32)
         seeds = row_seeds(batch, instructions, seeds, "instructions")
@@ -76,7 +78,7 @@ class EditPipeline(LatentPipeline):
         plan = sampler.plan(self.schedule, steps)
 
         padded = self._padding(batch)
-        texts, nulls = self._encode_prompt_pairs(instructions, negatives, padded)
+        texts, nulls = self._encode_prompt_pairs(instructions, negatives, padded, pixels.shape[1:3])
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + seeds[-1:] * padded, jnp.uint32))
         pixels_d, s_t_d, s_i_d, init_d = self._shard(
             *(pad_batch(a, padded) for a in (pixels, s_t, s_i, init_noise))
@@ -110,7 +112,7 @@ class EditPipeline(LatentPipeline):
         image_scale: float | Sequence[float] = 1.5,
         seed: int | Sequence[int] = 0,
         sampler: str = "euler_ancestral",
-        negative_prompt: str | Sequence[str] = "",
+        negative_prompt: str | Sequence[str] | None = None,
         resolution: int = 512,
         multiple_of: int = 8,
         keep_size: bool = True,
@@ -136,8 +138,9 @@ class EditPipeline(LatentPipeline):
             "instructions": instructions,
             "text_scale": per_example(text_scale, batch, "text_scale"),
             "image_scale": per_example(image_scale, batch, "image_scale"),
-            "negative_prompt": per_example(negative_prompt, batch, "negative_prompt"),
             "seeds": batch_seeds(seed, batch),
         }
+        if negative_prompt is not None:
+            per_image["negative_prompt"] = per_example(negative_prompt, batch, "negative_prompt")
         shared = {"steps": steps, "sampler": sampler_obj, "progress": progress}
         return self._edit_by_shape(images, per_image, shared, resolution, multiple_of, keep_size)

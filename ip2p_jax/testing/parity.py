@@ -263,6 +263,7 @@ def edit_both(
     image_scale: float = 1.5,
     seed: int = 0,
     dtype: str = "float32",
+    negative_prompt: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The same edit by diffusers' StableDiffusionInstructPix2PixPipeline (float32) and by
     ours (computing in ``dtype``): identical initial latents and per-step noise (diffusers
@@ -272,8 +273,17 @@ def edit_both(
     import torch
 
     from ip2p_jax.pipelines.edit import EditPipeline
+    from ip2p_jax.pipelines.sdxl_edit import SDXLEditPipeline
 
-    reference = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(folder)
+    sdxl = is_sdxl_folder(folder)
+    reference_class = (
+        diffusers.StableDiffusionXLInstructPix2PixPipeline
+        if sdxl
+        else diffusers.StableDiffusionInstructPix2PixPipeline
+    )
+    reference = reference_class.from_pretrained(folder)
+    # SDXL's pipeline renders unet.sample_size x 8 unless told the image's size
+    size = {"height": image.height, "width": image.width} if sdxl else {}
     scheduler_class = getattr(diffusers, PIPELINE_SCHEDULERS[sampler])
     reference.scheduler = scheduler_class.from_config(reference.scheduler.config)
     factor = 2 ** (len(reference.vae.config.block_out_channels) - 1)
@@ -297,10 +307,12 @@ def edit_both(
             latents=latents,
             generator=torch.Generator().manual_seed(seed + 1),
             output_type="np",
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * batch,
+            **size,
         ).images
     del reference
     gc.collect()
-    ours = EditPipeline.from_pretrained(folder, dtype=dtype)
+    ours = (SDXLEditPipeline if sdxl else EditPipeline).from_pretrained(folder, dtype=dtype)
     pixels = np.stack([np.asarray(image, np.float32) / 127.5 - 1] * batch)
     edited = ours.edit_arrays(
         pixels,
@@ -311,8 +323,14 @@ def edit_both(
         image_scale=image_scale,
         init_noise=latents.numpy().transpose(0, 2, 3, 1),
         step_noise=noise.numpy().transpose(0, 1, 3, 4, 2),
+        negative_prompt=negative_prompt,
     )
     return np.clip(edited / 2 + 0.5, 0, 1), expected
+
+
+def is_sdxl_folder(folder: Path) -> bool:
+    """Whether a model folder is SDXL's (it has a second text encoder)."""
+    return (Path(folder) / "text_encoder_2" / "config.json").is_file()
 
 
 def compare_pipeline(

@@ -93,7 +93,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resolution", type=int, help=f"long side, pixels ({_default_help('resolution')})"
     )
-    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="default: none (the empty prompt's text; for SDXL zeros, as diffusers)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -34,7 +34,7 @@ def _sampling_options(args: argparse.Namespace) -> dict:
 
 def _edit(args: argparse.Namespace) -> int:
     from ip2p_jax.apps.manifest import EditJob, read_manifest, run_jobs
-    from ip2p_jax.pipelines.edit import EditPipeline
+    from ip2p_jax.pipelines.auto import load_edit_pipeline
 
     if (args.manifest is None) == (args.image is None):
         raise ValueError("give either --image with --instruction and --out, or --manifest")
@@ -62,7 +62,7 @@ def _edit(args: argparse.Namespace) -> int:
                 args.image_scale,
             )
         ]
-    pipe = EditPipeline.from_pretrained(args.model, **precision_options(args))
+    pipe = load_edit_pipeline(args.model, **precision_options(args))
     edited, skipped = run_jobs(
         pipe,
         jobs,
@@ -77,12 +77,12 @@ def _edit(args: argparse.Namespace) -> int:
 
 def _grid(args: argparse.Namespace) -> int:
     from ip2p_jax.apps.grid import scale_grid
-    from ip2p_jax.pipelines.edit import EditPipeline
+    from ip2p_jax.pipelines.auto import load_edit_pipeline
     from ip2p_jax.pipelines.images import load_image
 
     image = load_image(args.image)
     fill_model_defaults(args)
-    pipe = EditPipeline.from_pretrained(args.model, **precision_options(args))
+    pipe = load_edit_pipeline(args.model, **precision_options(args))
     sheet = scale_grid(
         pipe,
         image,

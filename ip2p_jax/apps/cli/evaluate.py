@@ -31,7 +31,7 @@ from ip2p_jax.evaluation.sweep import DEFAULT_STRENGTHS, PAPER_IMAGE_SCALES, PAP
 
 def _run_shapes(args: argparse.Namespace) -> int:
     from ip2p_jax.evaluation.shapes import evaluate_shapes, format_table, write_report
-    from ip2p_jax.pipelines.edit import EditPipeline
+    from ip2p_jax.pipelines.auto import load_edit_pipeline
 
     fill_model_defaults(args)
     options = {
@@ -40,7 +40,7 @@ def _run_shapes(args: argparse.Namespace) -> int:
         "image_scale": args.image_scale,
         "sampler": args.sampler,
     }
-    pipe = EditPipeline.from_pretrained(args.model, **precision_options(args))
+    pipe = load_edit_pipeline(args.model, **precision_options(args))
     table, results = evaluate_shapes(
         pipe,
         num=args.num,
@@ -176,9 +176,9 @@ def run_edits(args: argparse.Namespace) -> int:
             progress=True,
         )
 
-    from ip2p_jax.pipelines.edit import EditPipeline
+    from ip2p_jax.pipelines.auto import load_edit_pipeline
 
-    pipe = EditPipeline.from_pretrained(args.model, **precision_options(args))
+    pipe = load_edit_pipeline(args.model, **precision_options(args))
     execution = pipe.unet.module.execution  # the dtype and kernel the backend chose
     results = [run(sweep.IP2P, sweep.ip2p_editor(pipe, steps=args.steps, sampler=args.sampler))]
     del pipe  # one model in memory at a time

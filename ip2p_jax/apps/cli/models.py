@@ -126,8 +126,9 @@ def add_parsers(commands) -> None:
     parity.add_argument(
         "--components",
         nargs="+",
-        default=["unet", "vae", "text_encoder"],
-        choices=["unet", "vae", "text_encoder"],
+        default=None,
+        choices=["unet", "vae", "text_encoder", "text_encoder_2"],
+        help="default: every one the folder has (SDXL's has text_encoder_2)",
     )
     parity.add_argument("--resolution", type=int, default=256, help="image side in pixels")
     parity.add_argument("--batch", type=int, default=2)

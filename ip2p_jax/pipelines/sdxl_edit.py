@@ -1,0 +1,140 @@
+"""SDXLEditPipeline: InstructPix2Pix on SDXL, as diffusers' StableDiffusionXLInstructPix2Pix-
+Pipeline. What differs from SD-1.x editing (EditPipeline):
+
+- two text encoders: their penultimate hidden states joined along the features are the
+  UNet's text states, and the second's projected pooled output is its ``text_embeds``;
+- the time ids ``(original height, width, crop top, left, target height, width)``, here the
+  edited size with no crop, as diffusers' defaults for an image of that size;
+- with no negative prompt the null text is zeros (states and pooled), as diffusers'
+  ``force_zeros_for_empty_prompt`` (the folder's model_index.json says; true for SDXL).
+
+The guidance rows are diffusers': (text, image), (null, image), (null, zero image).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ip2p_jax.diffusion.schedules import NoiseSchedule
+from ip2p_jax.models.config import load_json
+from ip2p_jax.models.tokenizer import CLIPTokenizer
+from ip2p_jax.pipelines.edit import EditPipeline
+from ip2p_jax.runtime.compilation import jit
+from ip2p_jax.weights.model_folder import LoadedComponent
+
+
+@jit(static_argnums=(0, 1))
+def _encode_two(module, module_2, params, params_2, ids, ids_2):
+    """(text states [N, 77, D1 + D2], pooled text [N, P]) as SDXL's pipeline encodes."""
+    first = module.apply({"params": params}, ids, output_hidden_states=True)
+    second = module_2.apply({"params": params_2}, ids_2, output_hidden_states=True)
+    states = jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1)
+    return states, second.text_embeds
+
+
+class SDXLEditPipeline(EditPipeline):
+    """InstructPix2Pix editing with an SDXL UNet (addition_embed_type "text_time") and its
+    two text encoders; loads folders saved by StableDiffusionXLInstructPix2PixPipeline."""
+
+    COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+    SIDE_FOLDERS = ("tokenizer", "tokenizer_2")
+
+    def __init__(
+        self,
+        unet: LoadedComponent,
+        vae: LoadedComponent,
+        text_encoder: LoadedComponent,
+        text_encoder_2: LoadedComponent,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        schedule: NoiseSchedule,
+        mesh: Mesh | None = None,
+        *,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
+        super().__init__(unet, vae, text_encoder, tokenizer, schedule, mesh)
+        if text_encoder_2.config.projection_dim is None:
+            raise ValueError(
+                "text_encoder_2 must be a CLIPTextModelWithProjection (its pooled output "
+                "projected is the UNet's text_embeds)"
+            )
+        replicated = NamedSharding(self.mesh, P())
+        self.text_encoder_2 = dataclasses.replace(
+            text_encoder_2, params=jax.device_put(text_encoder_2.params, replicated)
+        )
+        self.tokenizer_2 = tokenizer_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+
+    @staticmethod
+    def check_components(unet: LoadedComponent, vae: LoadedComponent) -> None:
+        EditPipeline.check_components(unet, vae)
+        if unet.config.addition_embed_type != "text_time":
+            raise ValueError(
+                "SDXL editing needs a UNet with addition_embed_type 'text_time' (time ids and "
+                f"pooled text); this one has {unet.config.addition_embed_type!r}"
+            )
+
+    @classmethod
+    def assemble(cls, folder: Path, components: dict[str, LoadedComponent], mesh: Mesh):
+        index = folder / "model_index.json"
+        force_zeros = load_json(index).get("force_zeros_for_empty_prompt", True)
+        return cls(
+            *(components[name] for name in cls.COMPONENTS),
+            CLIPTokenizer.from_folder(folder / "tokenizer"),
+            CLIPTokenizer.from_folder(folder / "tokenizer_2"),
+            NoiseSchedule.from_folder(folder),
+            mesh,
+            force_zeros_for_empty_prompt=bool(force_zeros),
+        )
+
+    def use_attention(self, kernel: str) -> None:
+        super().use_attention(kernel)
+        self.text_encoder_2.use_attention(kernel)
+
+    def encode_prompts(self, prompts) -> tuple[jax.Array, jax.Array]:
+        """(text states [N, 77, D1 + D2], pooled text [N, P]) of the prompts; overlong ones
+        are truncated with a warning."""
+        prompts = list(prompts)
+        return _encode_two(
+            self.text_encoder.module,
+            self.text_encoder_2.module,
+            self.text_encoder.params,
+            self.text_encoder_2.params,
+            jnp.asarray(self.tokenizer(prompts)),
+            jnp.asarray(self.tokenizer_2(prompts)),
+        )
+
+    def _encode_prompt_pairs(self, prompts, negatives, padded, size=None):
+        """The UNet's conditioning of the prompts and of their nulls, a dict each
+        (encoder_hidden_states, text_embeds, time_ids), padded by repeating the last row."""
+        if size is None:
+            raise ValueError("SDXL's time ids need the edited size")
+        rows = len(prompts) + padded
+        zero_nulls = negatives is None and self.force_zeros_for_empty_prompt
+        if zero_nulls:
+            states, pooled = self.encode_prompts(prompts + prompts[-1:] * padded)
+            null_states, null_pooled = jnp.zeros_like(states), jnp.zeros_like(pooled)
+        else:
+            negatives = [""] * len(prompts) if negatives is None else negatives
+            both = prompts + prompts[-1:] * padded + negatives + negatives[-1:] * padded
+            states, pooled = self.encode_prompts(both)
+            (states, null_states), (pooled, null_pooled) = (
+                jnp.split(states, 2),
+                jnp.split(pooled, 2),
+            )
+        height, width = size
+        ids = jnp.asarray([[height, width, 0, 0, height, width]], jnp.float32)
+        time_ids = jnp.tile(ids, (rows, 1))
+        text = {"encoder_hidden_states": states, "text_embeds": pooled, "time_ids": time_ids}
+        null = {
+            "encoder_hidden_states": null_states,
+            "text_embeds": null_pooled,
+            "time_ids": time_ids,
+        }
+        return text, null
