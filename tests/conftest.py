@@ -43,6 +43,8 @@ HEAVY_GROUPS = (
     "tests/train/test_config_and_models.py",
     "tests/train/test_grow.py",
     "tests/test_device_check.py",
+    "tests/test_datagen/test_ray_pairs.py",
+    "tests/parity/test_sdxl.py",
     "tests/parity/test_component_parity.py",
     "tests/test_cli.py",
     "tests/train/test_vae.py",
