@@ -89,3 +89,29 @@ def test_unknown_sampler_is_a_clear_error():
 def test_steps_out_of_range_is_a_clear_error():
     with pytest.raises(ValueError, match=r"steps must be in \[1, 1000\], got 0"):
         get_sampler("euler").plan(NoiseSchedule(), 0)
+
+
+@pytest.mark.parametrize("sigma_schedule", ["karras", "exponential"])
+def test_edm_euler_plan_matches_diffusers(sigma_schedule):
+    from diffusers import EDMEulerScheduler
+
+    config = {
+        "_class_name": "EDMEulerScheduler",
+        "sigma_min": 0.002,
+        "sigma_max": 120.0,
+        "sigma_data": 1.0,
+        "prediction_type": "v_prediction",
+        "sigma_schedule": sigma_schedule,
+    }
+    reference = EDMEulerScheduler.from_config(config)
+    reference.set_timesteps(7)
+    plan = get_sampler("edm_euler").plan(NoiseSchedule.from_dict(config), 7)
+    np.testing.assert_allclose(plan["sigmas"], reference.sigmas.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(plan["timesteps"], reference.timesteps.numpy(), rtol=1e-6)
+    sigmas = reference.sigmas[:-1]
+    np.testing.assert_allclose(plan["input_scale"], 1 / (sigmas**2 + 1) ** 0.5, rtol=1e-6)
+    assert plan["init_sigma"] == pytest.approx(reference.init_noise_sigma)
+    with pytest.raises(ValueError, match="use the edm_euler sampler"):
+        get_sampler("euler").plan(NoiseSchedule.from_dict(config), 7)
+    with pytest.raises(ValueError, match="edm_euler needs a model trained on EDM"):
+        get_sampler("edm_euler").plan(NoiseSchedule(), 7)

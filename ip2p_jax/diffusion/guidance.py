@@ -27,11 +27,14 @@ def guided_denoiser(
     text_scale: jax.Array,
     image_scale: jax.Array,
     three_rows: bool = True,
+    guidance_rescale: jax.Array | None = None,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``denoise(x, t)`` for a batch of B edits: one UNet call over 3B (or 2B) rows.
 
     text, null_text: [B, T, D] encoder states (or pytrees of such rows, see UNetApply);
     image_latent: [B, h, w, c] (unscaled VAE mode; CosXL's scaled); text_scale, image_scale: [B].
+    ``guidance_rescale`` [B] (SDXL's, "Common Diffusion Noise Schedules" 3.4): the guided
+    output rescaled towards the text row's standard deviation by that fraction (0: as is).
     """
     batch = image_latent.shape[0]
     s_t = text_scale.reshape(batch, 1, 1, 1)
@@ -46,8 +49,19 @@ def guided_denoiser(
         branches = jnp.split(out, rows)
         if three_rows:
             c, i, u = branches
-            return u + s_i * (i - u) + s_t * (c - i)
-        c, i = branches
-        return i + s_t * (c - i)
+            guided = u + s_i * (i - u) + s_t * (c - i)
+        else:
+            c, i = branches
+            guided = i + s_t * (c - i)
+        return guided if guidance_rescale is None else _rescaled(guided, c, guidance_rescale)
 
     return denoise
+
+
+def _rescaled(guided: jax.Array, text: jax.Array, fraction: jax.Array) -> jax.Array:
+    """diffusers' rescale_noise_cfg: ``guided`` scaled to the text row's standard deviation,
+    mixed in by ``fraction`` [B]; examples with fraction 0 are left exactly as they are."""
+    axes = tuple(range(1, guided.ndim))
+    std = lambda a: jnp.std(a, axis=axes, keepdims=True)
+    f = fraction.reshape(-1, *([1] * len(axes))).astype(guided.dtype)
+    return jnp.where(f > 0, f * guided * (std(text) / std(guided)) + (1 - f) * guided, guided)

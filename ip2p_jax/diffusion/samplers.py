@@ -1,4 +1,5 @@
-"""Samplers as pure JAX functions: Euler ancestral (the paper's), Euler, DDIM, DPM-Solver++(2M).
+"""Samplers as pure JAX functions: Euler ancestral (the paper's), Euler, DDIM, DPM-Solver++(2M),
+and EDM Euler (CosXL's, on EDM noise levels instead of betas).
 
 Each sampler has a host-side ``plan`` (timesteps and noise levels, computed once with numpy as
 the matching diffusers scheduler computes them) and a pure ``step``. :func:`sample` runs the
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ip2p_jax.diffusion.schedules import NoiseSchedule, spaced_timesteps
+from ip2p_jax.diffusion.schedules import NoiseSchedule, linspace_like_torch, spaced_timesteps
 
 Plan = dict[str, jax.Array]
 Denoise = Callable[[jax.Array, jax.Array], jax.Array]  # (model input, timestep) -> model output
@@ -46,8 +47,18 @@ class Sampler:
         raise NotImplementedError
 
 
+def _require_betas(schedule: NoiseSchedule, sampler: str) -> None:
+    """The beta-schedule samplers cannot run a model trained on EDM noise levels."""
+    if schedule.is_edm:
+        raise ValueError(
+            f"the model's scheduler is {schedule.scheduler_class} (EDM noise levels, as CosXL): "
+            f"the {sampler} sampler needs a beta schedule; use the edm_euler sampler"
+        )
+
+
 def _k_sigmas(schedule: NoiseSchedule, steps: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Euler-family timesteps, sigmas (with a final 0) and the initial noise scale."""
+    _require_betas(schedule, "Euler")
     spacing = schedule.option("timestep_spacing", "linspace")
     offset = schedule.option("steps_offset", 0)
     t = spaced_timesteps(spacing, steps, schedule.num_train_timesteps, offset, integer=False)
@@ -117,6 +128,7 @@ class DDIM(Sampler):
         return self.eta > 0
 
     def plan(self, schedule, steps):
+        _require_betas(schedule, "DDIM")
         spacing = schedule.option("timestep_spacing", "leading")
         offset = schedule.option("steps_offset", 0)
         train = schedule.num_train_timesteps
@@ -154,6 +166,7 @@ class DPMSolverPP2M(Sampler):
     """diffusers DPMSolverMultistepScheduler: dpmsolver++, order 2, midpoint, final sigma 0."""
 
     def plan(self, schedule, steps):
+        _require_betas(schedule, "DPM-Solver++")
         spacing = schedule.option("timestep_spacing", "linspace")
         offset = schedule.option("steps_offset", 0)
         train = schedule.num_train_timesteps
@@ -194,11 +207,57 @@ class DPMSolverPP2M(Sampler):
         return jnp.where((i == 0) | last, first, second), x0
 
 
+@dataclasses.dataclass(frozen=True)
+class EDMEuler(Sampler):
+    """diffusers EDMEulerScheduler (s_churn = 0): Euler on EDM noise levels (Karras or
+    exponential), the UNet conditioned on 0.25 log(sigma), inputs scaled by
+    1 / sqrt(sigma^2 + sigma_data^2), outputs preconditioned with c_skip and c_out."""
+
+    def plan(self, schedule, steps):
+        if not schedule.is_edm:
+            raise ValueError(
+                f"edm_euler needs a model trained on EDM noise levels (an EDMEulerScheduler "
+                f"config, as CosXL); this one's scheduler is {schedule.scheduler_class or 'SD'}'s"
+            )
+        low, high = schedule.option("sigma_min", 0.002), schedule.option("sigma_max", 80.0)
+        kind = schedule.option("sigma_schedule", "karras")
+        if kind == "karras":
+            rho = schedule.option("rho", 7.0)
+            ramp = np.linspace(0, 1, steps, dtype=np.float64)
+            top, bottom = high ** (1 / rho), low ** (1 / rho)
+            sigmas = ((top + ramp * (bottom - top)) ** rho).astype(np.float32)
+        elif kind == "exponential":  # float32 throughout, as diffusers computes it
+            logs = linspace_like_torch(np.log(low), np.log(high), steps)
+            sigmas = np.exp(logs)[::-1].astype(np.float32)
+        else:
+            raise ValueError(f"sigma_schedule={kind!r} is not supported (karras, exponential)")
+        final = schedule.option("final_sigmas_type", "zero")
+        if final not in ("zero", "sigma_min"):
+            raise ValueError(f"final_sigmas_type={final!r} is not supported (zero, sigma_min)")
+        last = sigmas[-1] if final == "sigma_min" else 0.0
+        data = np.float32(schedule.option("sigma_data", 0.5))
+        return {
+            "timesteps": (np.float32(0.25) * np.log(sigmas)).astype(np.float32),
+            "sigmas": np.concatenate([sigmas, [last]]).astype(np.float32),
+            "input_scale": (1 / (sigmas**2 + data**2) ** 0.5).astype(np.float32),
+            "init_sigma": np.float32((high**2 + 1) ** 0.5),
+            "sigma_data": data,
+        }
+
+    def step(self, plan, i, x, output, noise, previous, kind):
+        sigma, data = plan["sigmas"][i], plan["sigma_data"]
+        c_skip = data**2 / (sigma**2 + data**2)
+        c_out = sigma * data / (sigma**2 + data**2) ** 0.5
+        denoised = c_skip * x + (c_out if kind == "epsilon" else -c_out) * output
+        return x + (x - denoised) / sigma * (plan["sigmas"][i + 1] - sigma), previous
+
+
 SAMPLERS: dict[str, Callable[..., Sampler]] = {
     "euler_ancestral": EulerAncestral,
     "euler": Euler,
     "ddim": DDIM,
     "dpmpp_2m": DPMSolverPP2M,
+    "edm_euler": EDMEuler,
 }
 
 

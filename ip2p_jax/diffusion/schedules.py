@@ -58,6 +58,12 @@ class NoiseSchedule:
     beta_schedule: str = "scaled_linear"
     prediction_type: str = "epsilon"
     raw: tuple[tuple[str, Any], ...] = ()  # the whole config, for sampler-specific fields
+    scheduler_class: str = ""  # the config's _class_name (EDMEulerScheduler: an EDM model)
+
+    @property
+    def is_edm(self) -> bool:
+        """Whether the model was trained on EDM noise levels (CosXL), not on betas."""
+        return self.scheduler_class.startswith("EDM")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "scheduler config") -> NoiseSchedule:
@@ -84,6 +90,7 @@ class NoiseSchedule:
             beta_schedule=fields["beta_schedule"],
             prediction_type=fields["prediction_type"],
             raw=tuple(sorted((k, _hashable(v)) for k, v in raw.items() if not k.startswith("_"))),
+            scheduler_class=str(raw.get("_class_name", "")),
         )
 
     @classmethod

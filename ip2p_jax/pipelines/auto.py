@@ -16,6 +16,14 @@ def edit_pipeline_class(model: str | os.PathLike) -> type[EditPipeline]:
     return SDXLEditPipeline if (folder / "text_encoder_2").is_dir() else EditPipeline
 
 
-def load_edit_pipeline(model: str | os.PathLike, **options) -> EditPipeline:
-    """``from_pretrained`` of the folder's pipeline class (see `edit_pipeline_class`)."""
-    return edit_pipeline_class(model).from_pretrained(model, **options)
+def load_edit_pipeline(
+    model: str | os.PathLike, *, cosxl_edit: bool = False, **options
+) -> EditPipeline:
+    """``from_pretrained`` of the folder's pipeline class (see `edit_pipeline_class`);
+    ``cosxl_edit`` for a CosXL Edit folder (SDXL only)."""
+    pipeline_class = edit_pipeline_class(model)
+    if pipeline_class is SDXLEditPipeline:
+        return SDXLEditPipeline.from_pretrained(model, cosxl_edit=cosxl_edit, **options)
+    if cosxl_edit:
+        raise ValueError(f"--cosxl-edit is for SDXL folders (text_encoder_2/); {model} is not")
+    return pipeline_class.from_pretrained(model, **options)

@@ -75,6 +75,7 @@ class GuidedBatch:
     keys: jax.Array
     init_noise: jax.Array | None = None
     step_noise: jax.Array | None = None
+    guidance_rescale: jax.Array | None = None  # [B], SDXL's (None: off, a smaller program)
 
 
 def sample_latents(
@@ -104,6 +105,7 @@ def sample_latents(
         text_scale=batch.text_scale,
         image_scale=batch.image_scale,
         three_rows=three_rows,
+        guidance_rescale=batch.guidance_rescale,
     )
     init_noise = batch.init_noise
     if init_noise is None:

@@ -33,6 +33,10 @@ def encode_image(module, params, pixels):
 class EditPipeline(LatentPipeline):
     """InstructPix2Pix editing with the Flax UNet, VAE and CLIP text encoder."""
 
+    # The image condition is the VAE mode times this: 1 (unscaled, as InstructPix2Pix was
+    # trained), or the VAE's scaling factor for CosXL Edit (SDXLEditPipeline).
+    image_latent_scale: float = 1.0
+
     @staticmethod
     def check_components(unet: LoadedComponent, vae: LoadedComponent) -> None:
         latent = vae.config.latent_channels
@@ -59,11 +63,13 @@ class EditPipeline(LatentPipeline):
         init_noise: np.ndarray | None = None,
         step_noise: np.ndarray | None = None,
         progress: bool | None = None,
+        guidance_rescale: float | Sequence[float] = 0.0,
     ) -> np.ndarray:
         """[B, H, W, 3] in [-1, 1] -> edited [B, H, W, 3] in about [-1, 1].
 
         ``init_noise`` [B, h, w, 4] and ``step_noise`` [steps, B, h, w, 4] replace the draws
-        from the seeds (parity tests against diffusers' generator).
+        from the seeds (parity tests against diffusers' generator). ``guidance_rescale`` is
+        diffusers' SDXL option (0 to 1; 0, the default, leaves the guidance as it is).
         """
         batch = pixels.shape[0]
         instructions = list(instructions)
@@ -72,6 +78,9 @@ class EditPipeline(LatentPipeline):
             negatives = per_example(negative_prompt, batch, "negative_prompt")
         s_t = np.asarray(per_example(text_scale, batch, "text_scale"), np.float32)
         s_i = np.asarray(per_example(image_scale, batch, "image_scale"), np.float32)
+        rescale = np.asarray(per_example(guidance_rescale, batch, "guidance_rescale"), np.float32)
+        if ((rescale < 0) | (rescale > 1)).any():
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {rescale.tolist()}")
         seeds = row_seeds(batch, instructions, seeds, "instructions")
         if isinstance(sampler, str):
             sampler = get_sampler(sampler)
@@ -80,25 +89,31 @@ class EditPipeline(LatentPipeline):
         padded = self._padding(batch)
         texts, nulls = self._encode_prompt_pairs(instructions, negatives, padded, pixels.shape[1:3])
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + seeds[-1:] * padded, jnp.uint32))
-        pixels_d, s_t_d, s_i_d, init_d = self._shard(
-            *(pad_batch(a, padded) for a in (pixels, s_t, s_i, init_noise))
+        rescale = rescale if rescale.any() else None  # off: the program without it
+        pixels_d, s_t_d, s_i_d, init_d, rescale_d = self._shard(
+            *(pad_batch(a, padded) for a in (pixels, s_t, s_i, init_noise, rescale))
         )
         texts, nulls, keys = self._shard(texts, nulls, keys)
         conditions = GuidedBatch(
             text=texts,
             null_text=nulls,
-            image_latent=encode_image(self.vae.module, self.vae.params, pixels_d),
+            image_latent=self._image_latent(pixels_d),
             text_scale=s_t_d,
             image_scale=s_i_d,
             keys=keys,
             init_noise=init_d,
             step_noise=pad_batch(step_noise, padded, axis=1),
+            guidance_rescale=rescale_d,
         )
         three_rows = bool((s_i != 1.0).any())
         latents = self._sample(
             sampler, plan, steps, conditions, three_rows=three_rows, progress=progress
         )
         return self._decode_latents(latents, batch)
+
+    def _image_latent(self, pixels: jax.Array) -> jax.Array:
+        latent = encode_image(self.vae.module, self.vae.params, pixels)
+        return latent if self.image_latent_scale == 1.0 else latent * self.image_latent_scale
 
     # -- the user's entry point ------------------------------------------------------------
 
@@ -117,6 +132,7 @@ class EditPipeline(LatentPipeline):
         multiple_of: int = 8,
         keep_size: bool = True,
         progress: bool | None = None,
+        guidance_rescale: float | Sequence[float] = 0.0,
     ) -> list[Image.Image]:
         """Edits images by instruction; returns PIL images (at the inputs' sizes by default).
 
@@ -139,6 +155,7 @@ class EditPipeline(LatentPipeline):
             "text_scale": per_example(text_scale, batch, "text_scale"),
             "image_scale": per_example(image_scale, batch, "image_scale"),
             "seeds": batch_seeds(seed, batch),
+            "guidance_rescale": per_example(guidance_rescale, batch, "guidance_rescale"),
         }
         if negative_prompt is not None:
             per_image["negative_prompt"] = per_example(negative_prompt, batch, "negative_prompt")

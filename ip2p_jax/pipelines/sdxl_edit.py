@@ -6,7 +6,10 @@ Pipeline. What differs from SD-1.x editing (EditPipeline):
 - the time ids ``(original height, width, crop top, left, target height, width)``, here the
   edited size with no crop, as diffusers' defaults for an image of that size;
 - with no negative prompt the null text is zeros (states and pooled), as diffusers'
-  ``force_zeros_for_empty_prompt`` (the folder's model_index.json says; true for SDXL).
+  ``force_zeros_for_empty_prompt`` (the folder's model_index.json says; true for SDXL);
+- CosXL Edit (``cosxl_edit=True``, diffusers' ``is_cosxl_edit``, which model_index.json does
+  not record): the image condition scaled by the VAE's factor, and the folder's
+  EDMEulerScheduler sampled by ``edm_euler`` (v-prediction with EDM preconditioning).
 
 The guidance rows are diffusers': (text, image), (null, image), (null, zero image).
 """
@@ -70,6 +73,20 @@ class SDXLEditPipeline(EditPipeline):
         )
         self.tokenizer_2 = tokenizer_2
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+
+    @classmethod
+    def from_pretrained(cls, model, *, cosxl_edit: bool = False, **options) -> SDXLEditPipeline:
+        """`LatentPipeline.from_pretrained`; ``cosxl_edit`` for Stability's CosXL Edit (an
+        EDMEulerScheduler folder), whose image condition is scaled by the VAE's factor."""
+        pipe = super().from_pretrained(model, **options)
+        if cosxl_edit:
+            if not pipe.schedule.is_edm:
+                raise ValueError(
+                    f"cosxl_edit: {model} has a {pipe.schedule.scheduler_class or 'beta'} "
+                    "scheduler; CosXL Edit models have an EDMEulerScheduler"
+                )
+            pipe.image_latent_scale = pipe.vae.config.scaling_factor
+        return pipe
 
     @staticmethod
     def check_components(unet: LoadedComponent, vae: LoadedComponent) -> None:

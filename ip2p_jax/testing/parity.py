@@ -245,6 +245,7 @@ PIPELINE_SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "ddim": "DDIMScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "edm_euler": "EDMEulerScheduler",
 }
 
 
@@ -264,6 +265,8 @@ def edit_both(
     seed: int = 0,
     dtype: str = "float32",
     negative_prompt: str | None = None,
+    cosxl_edit: bool = False,
+    guidance_rescale: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The same edit by diffusers' StableDiffusionInstructPix2PixPipeline (float32) and by
     ours (computing in ``dtype``): identical initial latents and per-step noise (diffusers
@@ -281,7 +284,9 @@ def edit_both(
         if sdxl
         else diffusers.StableDiffusionInstructPix2PixPipeline
     )
-    reference = reference_class.from_pretrained(folder)
+    reference = reference_class.from_pretrained(
+        folder, **({"is_cosxl_edit": True} if cosxl_edit else {})
+    )
     # SDXL's pipeline renders unet.sample_size x 8 unless told the image's size
     size = {"height": image.height, "width": image.width} if sdxl else {}
     scheduler_class = getattr(diffusers, PIPELINE_SCHEDULERS[sampler])
@@ -309,10 +314,14 @@ def edit_both(
             output_type="np",
             negative_prompt=None if negative_prompt is None else [negative_prompt] * batch,
             **size,
+            **({"guidance_rescale": guidance_rescale} if guidance_rescale else {}),
         ).images
     del reference
     gc.collect()
-    ours = (SDXLEditPipeline if sdxl else EditPipeline).from_pretrained(folder, dtype=dtype)
+    if sdxl:
+        ours = SDXLEditPipeline.from_pretrained(folder, dtype=dtype, cosxl_edit=cosxl_edit)
+    else:
+        ours = EditPipeline.from_pretrained(folder, dtype=dtype)
     pixels = np.stack([np.asarray(image, np.float32) / 127.5 - 1] * batch)
     edited = ours.edit_arrays(
         pixels,
@@ -324,6 +333,7 @@ def edit_both(
         init_noise=latents.numpy().transpose(0, 2, 3, 1),
         step_noise=noise.numpy().transpose(0, 1, 3, 4, 2),
         negative_prompt=negative_prompt,
+        guidance_rescale=guidance_rescale,
     )
     return np.clip(edited / 2 + 0.5, 0, 1), expected
 
@@ -340,9 +350,11 @@ def compare_pipeline(
     steps: int = 4,
     samplers: Sequence[str] = PIPELINE_SAMPLERS,
     dtype: str = "float32",
+    cosxl_edit: bool = False,
 ) -> list[Comparison]:
     """Whole edits against diffusers' float32 ones, per sampler: mean abs difference on
-    [0, 1] images within ``TOLERANCES[dtype].pipeline`` (1/255 in float32)."""
+    [0, 1] images within ``TOLERANCES[dtype].pipeline`` (1/255 in float32). ``cosxl_edit``:
+    both pipelines in CosXL Edit mode."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -350,7 +362,14 @@ def compare_pipeline(
     rows = []
     for sampler in samplers:
         ours, expected = edit_both(
-            folder, sampler, image, ["make it snowy"], steps=steps, seed=seed, dtype=dtype
+            folder,
+            sampler,
+            image,
+            ["make it snowy"],
+            steps=steps,
+            seed=seed,
+            dtype=dtype,
+            cosxl_edit=cosxl_edit,
         )
         bound = TOLERANCES[dtype].pipeline
         rows.append(_compare("pipeline", sampler, ours, expected, bound, metric="mean"))
@@ -369,6 +388,7 @@ def run_parity(
     pipeline: bool = False,
     dtype: str = "float32",
     samplers: Sequence[str] = PIPELINE_SAMPLERS,
+    cosxl_edit: bool = False,
 ) -> list[Comparison]:
     """Compares each component of a diffusers folder with the float32 PyTorch reference, ours
     computing the UNet and text encoder in ``dtype`` (the VAE in float32); ``tolerance``
@@ -397,7 +417,9 @@ def run_parity(
         if name in components:
             results += compare_text_encoder(folder, prompts, low, dtype, name=name)
     if pipeline:
-        results += compare_pipeline(folder, resolution, seed, samplers=samplers, dtype=dtype)
+        results += compare_pipeline(
+            folder, resolution, seed, samplers=samplers, dtype=dtype, cosxl_edit=cosxl_edit
+        )
     return results
 
 

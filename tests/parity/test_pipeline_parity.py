@@ -27,7 +27,8 @@ def run_both(folder, sampler, image, instructions, steps, text_scale, image_scal
     )
 
 
-@pytest.mark.parametrize("sampler", list(PIPELINE_SCHEDULERS))
+# The beta-schedule samplers (edm_euler needs an EDM model: tests/parity/test_sdxl.py).
+@pytest.mark.parametrize("sampler", [s for s in PIPELINE_SCHEDULERS if s != "edm_euler"])
 def test_tiny_pipeline_matches_diffusers(tiny_folder, sampler):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 24, 3), np.uint8))
     ours, expected = run_both(

@@ -53,19 +53,26 @@ def test_ip2p_parity_passes_on_an_sdxl_folder(sdxl_folder, capsys):
 
 
 def test_an_sdxl_edit_with_a_negative_prompt_matches(sdxl_folder):
-    """A negative prompt is encoded (without one the null text is zeros, as diffusers')."""
+    """A negative prompt is encoded (without one the null text is zeros, as diffusers'), and
+    guidance_rescale rescales the guided output as diffusers' rescale_noise_cfg."""
     from PIL import Image
 
     from ip2p_jax.testing.parity import edit_both
 
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), np.uint8))
     ours, expected = edit_both(
-        sdxl_folder, "euler", image, ["make it snowy"], steps=2, negative_prompt="blurry"
+        sdxl_folder,
+        "euler",
+        image,
+        ["make it snowy"],
+        steps=2,
+        negative_prompt="blurry",
+        guidance_rescale=0.7,
     )
     assert np.abs(ours - expected).max() < 1e-4
 
 
-def test_the_added_conditioning_counts_and_is_required(sdxl_folder):
+def test_the_added_conditioning_is_required(sdxl_folder):
     from ip2p_jax.weights.model_folder import load_component
 
     unet = load_component(sdxl_folder, "unet")
@@ -75,17 +82,6 @@ def test_the_added_conditioning_counts_and_is_required(sdxl_folder):
     sample = jnp.asarray(rng.standard_normal((1, 8, 8, cfg.in_channels)), jnp.float32)
     context = jnp.asarray(rng.standard_normal((1, 77, cfg.cross_attention_dim)), jnp.float32)
     text = jnp.asarray(rng.standard_normal((1, pooled)), jnp.float32)
-    apply = jax.jit(unet.module.apply)
-    # one call, two rows: the same inputs but for the sizes in the time ids
-    both = apply(
-        {"params": unet.params},
-        jnp.concatenate([sample, sample]),
-        jnp.asarray([500.0, 500.0]),
-        jnp.concatenate([context, context]),
-        jnp.concatenate([text, text]),
-        jnp.asarray([[512.0, 512, 0, 0, 512, 512], [512.0, 1024, 0, 0, 512, 1024]]),
-    )
-    assert float(jnp.abs(both[0] - both[1]).max()) > 100 * TOLERANCE  # the time ids are used
     # Wrong or missing added conditioning fails while tracing, before any compile.
     with pytest.raises(ValueError, match="needs text_embeds .* and time_ids"):
         jax.eval_shape(unet.module.apply, {"params": unet.params}, sample, 500.0, context)
@@ -122,10 +118,35 @@ def test_ip2p_edit_on_an_sdxl_folder_keeps_the_input_size(sdxl_folder, tmp_path)
     from ip2p_jax.apps.cli.main import main
 
     source, out = tmp_path / "in.png", tmp_path / "out.png"
-    pixels = np.random.default_rng(2).integers(0, 256, (24, 40, 3), np.uint8)
+    # Edited at 32 x 32 as the parity test's Euler edit (its program is reused), returned at
+    # the input's 64 x 48.
+    pixels = np.random.default_rng(2).integers(0, 256, (48, 64, 3), np.uint8)
     Image.fromarray(pixels).save(source)
     args = ["edit", "--model", str(sdxl_folder), "--image", str(source), "--out", str(out)]
-    args += ["--instruction", "make it snowy", "--steps", "2", "--resolution", "32"]
+    args += ["--instruction", "make it snowy", "--steps", "4", "--resolution", "32"]
+    args += ["--sampler", "euler"]
     assert main(args) == 0
     with Image.open(out) as edited:
-        assert edited.size == (40, 24)
+        assert edited.size == (64, 48)
+
+
+def test_ip2p_parity_cosxl_edit_on_an_edm_folder(tmp_path, capsys):
+    """CosXL Edit: an EDMEulerScheduler folder (v-prediction, exponential sigmas), the image
+    condition scaled by the VAE's factor, sampled by edm_euler; against diffusers' pipeline
+    with is_cosxl_edit=True."""
+    from ip2p_jax.apps.cli.main import main
+    from ip2p_jax.testing.reference_models import build_sdxl_folder
+
+    folder = build_sdxl_folder(tmp_path / "cosxl", scheduler="EDMEulerScheduler")
+    args = ["parity", str(folder), "--components", "unet", "--resolution", "32", "--json"]
+    args += ["--pipeline", "--samplers", "edm_euler", "--cosxl-edit", "--tolerance", "1e-4"]
+    assert main(args) == 0
+    edit = [r for r in json.loads(capsys.readouterr().out) if r["component"] == "pipeline"]
+    assert len(edit) == 1 and edit[0]["max_abs_error"] < 1e-4, edit
+    # A beta-schedule sampler, or CosXL mode on an SDXL folder, is refused before compiling.
+    from ip2p_jax.pipelines.sdxl_edit import SDXLEditPipeline
+
+    pipe = SDXLEditPipeline.from_pretrained(folder, cosxl_edit=True)
+    pixels = np.zeros((1, 32, 32, 3), np.float32)
+    with pytest.raises(ValueError, match="EDM noise levels.*use the edm_euler sampler"):
+        pipe.edit_arrays(pixels, ["make it snowy"], steps=2, sampler="euler")

@@ -19,7 +19,7 @@ from ip2p_jax.apps.shipped import (
 )
 
 # ip2p_jax.diffusion.samplers.SAMPLERS' names, written out: importing it would load JAX for --help.
-SAMPLER_NAMES = ("euler_ancestral", "euler", "ddim", "dpmpp_2m")
+SAMPLER_NAMES = ("euler_ancestral", "euler", "ddim", "dpmpp_2m", "edm_euler")
 # The dtypes a checkpoint's params can be stored or loaded in, and models compute in.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # ip2p_jax.models.attention.KERNELS' names, written out for the same reason.
@@ -85,11 +85,21 @@ def precision_options(args: argparse.Namespace) -> dict:
     return {"dtype": args.dtype, "attention": args.attention}
 
 
+def add_cosxl_argument(parser: argparse.ArgumentParser) -> None:
+    """--cosxl-edit: diffusers' is_cosxl_edit, which a saved folder does not record."""
+    parser.add_argument(
+        "--cosxl-edit",
+        action="store_true",
+        help="the model is a CosXL Edit (SDXL, EDM scheduler; use --sampler edm_euler)",
+    )
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --sampler, --resolution, --negative-prompt, --seed (edit, grid)."""
     add_model_argument(parser)
     add_steps_argument(parser)
     add_sampler_argument(parser)
+    add_cosxl_argument(parser)
     parser.add_argument(
         "--resolution", type=int, help=f"long side, pixels ({_default_help('resolution')})"
     )

@@ -62,7 +62,7 @@ def _edit(args: argparse.Namespace) -> int:
                 args.image_scale,
             )
         ]
-    pipe = load_edit_pipeline(args.model, **precision_options(args))
+    pipe = load_edit_pipeline(args.model, cosxl_edit=args.cosxl_edit, **precision_options(args))
     edited, skipped = run_jobs(
         pipe,
         jobs,
@@ -82,7 +82,7 @@ def _grid(args: argparse.Namespace) -> int:
 
     image = load_image(args.image)
     fill_model_defaults(args)
-    pipe = load_edit_pipeline(args.model, **precision_options(args))
+    pipe = load_edit_pipeline(args.model, cosxl_edit=args.cosxl_edit, **precision_options(args))
     sheet = scale_grid(
         pipe,
         image,

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ip2p_jax.apps.cli.arguments import DTYPE_NAMES, SAMPLER_NAMES
+from ip2p_jax.apps.cli.arguments import DTYPE_NAMES, SAMPLER_NAMES, add_cosxl_argument
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -63,6 +63,7 @@ def _parity(args: argparse.Namespace) -> int:
         pipeline=args.pipeline,
         dtype=args.dtype,
         samplers=args.samplers,
+        cosxl_edit=args.cosxl_edit,
     )
     if args.json:
         print(
@@ -158,4 +159,5 @@ def add_parsers(commands) -> None:
         choices=SAMPLER_NAMES,
         help="the samplers of --pipeline's edits",
     )
+    add_cosxl_argument(parity)
     parity.set_defaults(run=_parity)
