@@ -119,7 +119,6 @@ def run_pairs(args: argparse.Namespace) -> int:
     from datagen.pair_job import build_runner, run_locally, shard_indices
     from datagen.prompts import read_prompts
     from datagen.writer import PairFolder
-    from ip2p_jax.data import build
     from ip2p_jax.data.importers import write_seeds_json
 
     prompts = read_prompts(args.prompts)
@@ -160,6 +159,8 @@ def run_pairs(args: argparse.Namespace) -> int:
                 f"{args.dataset}"
             )
             return 0
+        from ip2p_jax.data import build  # TFDS: imported only to write the dataset
+
         path, reports = build.import_original(args.out, args.dataset, overwrite=args.overwrite)
         for report in reports:
             print(report.summary())

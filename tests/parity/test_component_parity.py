@@ -62,11 +62,13 @@ def test_unet_with_odd_latent_sides_matches(tiny_folder):
 
 @pytest.mark.full_size
 def test_full_size_sd15_components_match(sd15_folder, capsys):
-    """The real SD-1.5 IP2P architecture at 256 px, through the user-facing command."""
+    """The real SD-1.5 IP2P architecture at 256 px, batch 1 (docs/parity.md's figures are
+    batch 2), through the user-facing command."""
     from ip2p_jax.apps.cli.main import main
     from ip2p_jax.testing.parity import Comparison
 
-    status = main(["parity", str(sd15_folder), "--json", "--tolerance", str(FULL_TOLERANCE)])
+    args = ["parity", str(sd15_folder), "--json", "--tolerance", str(FULL_TOLERANCE)]
+    status = main(args + ["--batch", "1"])
     rows = json.loads(capsys.readouterr().out)
     print(rows)  # the measured figures, for the README table (pytest -s)
     assert status == 0

@@ -47,9 +47,10 @@ def test_tiny_pipeline_matches_diffusers_with_image_scale_one(tiny_folder):
 
 @pytest.mark.full_size
 def test_full_size_sd15_pipeline_matches_diffusers(sd15_folder):
-    """The real SD-1.5 IP2P architecture at 256 px, Euler ancestral, 3 steps."""
+    """The real SD-1.5 IP2P architecture at 128 px, Euler ancestral, 3 steps (the 256 px
+    figures of docs/parity.md came from this test at 256 px; 128 px keeps the suite's time)."""
     rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (256, 256, 3), np.uint8))
+    image = Image.fromarray(rng.integers(0, 256, (128, 128, 3), np.uint8))
     ours, expected = run_both(sd15_folder, "euler_ancestral", image, ["make it snowy"], 3, 7.5, 1.5)
     error = np.abs(ours - expected)
     print(f"SD-1.5 pipeline: mean abs {error.mean():.3e}, max abs {error.max():.3e}")
