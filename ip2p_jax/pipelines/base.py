@@ -256,16 +256,15 @@ class LatentPipeline:
         negatives: list[str] | None,
         padded: int,
         size: tuple[int, int] | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
-        """Text states of the prompts and of their null (negative) prompts, "" where
-        ``negatives`` is None, each padded by repeating the last row: one text-encoder call
-        for both. ``size`` is the (height, width) edited (SDXL's time ids take it)."""
+    ):
+        """What ``encode_prompts`` gives for the prompts and for their null (negative)
+        prompts, "" where ``negatives`` is None, each padded by repeating the last row: one
+        text-encoder call for both. ``size`` is the (height, width) edited (SDXL's time ids
+        take it)."""
         negatives = [""] * len(prompts) if negatives is None else negatives
-        states = self.encode_prompts(
-            prompts + prompts[-1:] * padded + negatives + negatives[-1:] * padded
-        )
-        texts, nulls = jnp.split(states, 2)
-        return texts, nulls
+        encoded = self.encode_prompts(pad_texts(prompts, padded) + pad_texts(negatives, padded))
+        rows = len(prompts) + padded
+        return jax.tree.map(lambda a: a[:rows], encoded), jax.tree.map(lambda a: a[rows:], encoded)
 
     def _sample(
         self,
@@ -349,6 +348,11 @@ def pad_batch(array: np.ndarray | None, padded: int, axis: int = 0) -> np.ndarra
         return array
     last = np.take(array, [-1], axis=axis)
     return np.concatenate([array, np.repeat(last, padded, axis)], axis)
+
+
+def pad_texts(texts: list[str], padded: int) -> list[str]:
+    """`texts` with its last entry repeated `padded` times (`pad_batch` for prompts)."""
+    return texts + texts[-1:] * padded
 
 
 def per_example(value, batch: int, name: str) -> list:

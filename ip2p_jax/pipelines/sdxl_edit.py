@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from ip2p_jax.diffusion.schedules import NoiseSchedule
 from ip2p_jax.models.config import load_json
 from ip2p_jax.models.tokenizer import CLIPTokenizer
+from ip2p_jax.pipelines.base import pad_texts
 from ip2p_jax.pipelines.edit import EditPipeline
 from ip2p_jax.runtime.compilation import jit
 from ip2p_jax.weights.model_folder import LoadedComponent
@@ -135,16 +136,11 @@ class SDXLEditPipeline(EditPipeline):
         rows = len(prompts) + padded
         zero_nulls = negatives is None and self.force_zeros_for_empty_prompt
         if zero_nulls:
-            states, pooled = self.encode_prompts(prompts + prompts[-1:] * padded)
+            states, pooled = self.encode_prompts(pad_texts(prompts, padded))
             null_states, null_pooled = jnp.zeros_like(states), jnp.zeros_like(pooled)
         else:
-            negatives = [""] * len(prompts) if negatives is None else negatives
-            both = prompts + prompts[-1:] * padded + negatives + negatives[-1:] * padded
-            states, pooled = self.encode_prompts(both)
-            (states, null_states), (pooled, null_pooled) = (
-                jnp.split(states, 2),
-                jnp.split(pooled, 2),
-            )
+            encoded, null_encoded = super()._encode_prompt_pairs(prompts, negatives, padded)
+            (states, pooled), (null_states, null_pooled) = encoded, null_encoded
         height, width = size
         ids = jnp.asarray([[height, width, 0, 0, height, width]], jnp.float32)
         time_ids = jnp.tile(ids, (rows, 1))

@@ -275,10 +275,10 @@ def edit_both(
     import diffusers
     import torch
 
-    from ip2p_jax.pipelines.edit import EditPipeline
+    from ip2p_jax.pipelines.auto import edit_pipeline_class, load_edit_pipeline
     from ip2p_jax.pipelines.sdxl_edit import SDXLEditPipeline
 
-    sdxl = is_sdxl_folder(folder)
+    sdxl = edit_pipeline_class(folder) is SDXLEditPipeline
     reference_class = (
         diffusers.StableDiffusionXLInstructPix2PixPipeline
         if sdxl
@@ -318,10 +318,7 @@ def edit_both(
         ).images
     del reference
     gc.collect()
-    if sdxl:
-        ours = SDXLEditPipeline.from_pretrained(folder, dtype=dtype, cosxl_edit=cosxl_edit)
-    else:
-        ours = EditPipeline.from_pretrained(folder, dtype=dtype)
+    ours = load_edit_pipeline(folder, dtype=dtype, cosxl_edit=cosxl_edit)
     pixels = np.stack([np.asarray(image, np.float32) / 127.5 - 1] * batch)
     edited = ours.edit_arrays(
         pixels,
@@ -336,11 +333,6 @@ def edit_both(
         guidance_rescale=guidance_rescale,
     )
     return np.clip(edited / 2 + 0.5, 0, 1), expected
-
-
-def is_sdxl_folder(folder: Path) -> bool:
-    """Whether a model folder is SDXL's (it has a second text encoder)."""
-    return (Path(folder) / "text_encoder_2" / "config.json").is_file()
 
 
 def compare_pipeline(

@@ -192,7 +192,7 @@ def build_sdxl_folder(
     tokenizer = CLIPTokenizer.from_pretrained(str(BUNDLED_DIR))
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(BUNDLED_DIR), pad_token="!")
     schedulers = {
-        "EulerDiscreteScheduler": {**SCHEDULER, "timestep_spacing": "leading"},
+        "EulerDiscreteScheduler": SCHEDULER,
         "EDMEulerScheduler": {
             "sigma_min": 0.002,
             "sigma_max": 120.0,
