@@ -96,6 +96,15 @@ def tiny_sd2_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    """SDXL-style IP2P pipeline in miniature, saved by StableDiffusionXLInstructPix2PixPipeline:
+    the text_time UNet, two text encoders of different widths, tokenizer_2."""
+    from ip2p_jax.testing.reference_models import build_sdxl_folder
+
+    return build_sdxl_folder(tmp_path_factory.mktemp("tiny-sdxl") / "model")
+
+
+@pytest.fixture(scope="session")
 def sd15_folder(tmp_path_factory):
     """The real SD-1.5 architecture with random weights, UNet in_channels 8 (about 4.3 GB)."""
     return _build(tmp_path_factory, "sd15")

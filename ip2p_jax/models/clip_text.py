@@ -204,3 +204,19 @@ class CLIPTextModel(nn.Module):
             projected = dense(cfg.projection_dim, "text_projection", run, use_bias=False)(pooled)
         hidden = tuple(hidden_states) if output_hidden_states else None
         return CLIPTextOutput(last, pooled, hidden, projected)
+
+
+def sdxl_text_conditioning(
+    first: CLIPTextOutput, second: CLIPTextOutput
+) -> tuple[jax.Array, jax.Array]:
+    """SDXL's text conditioning from its two encoders' outputs (run with
+    ``output_hidden_states``): the penultimate hidden states of both joined along the
+    features [N, T, D1 + D2], the UNet's text states; and the second encoder's projected
+    pooled output [N, P], the UNet's ``text_embeds``."""
+    if first.hidden_states is None or second.text_embeds is None:
+        raise ValueError(
+            "SDXL conditioning needs both encoders' hidden states (output_hidden_states=True) "
+            "and a second encoder with a text projection (CLIPTextModelWithProjection)"
+        )
+    states = jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1)
+    return states, second.text_embeds

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ip2p_jax.diffusion.schedules import NoiseSchedule
+from ip2p_jax.models.clip_text import sdxl_text_conditioning
 from ip2p_jax.models.config import load_json
 from ip2p_jax.models.tokenizer import CLIPTokenizer
 from ip2p_jax.pipelines.base import pad_texts
@@ -38,8 +39,7 @@ def _encode_two(module, module_2, params, params_2, ids, ids_2):
     """(text states [N, 77, D1 + D2], pooled text [N, P]) as SDXL's pipeline encodes."""
     first = module.apply({"params": params}, ids, output_hidden_states=True)
     second = module_2.apply({"params": params_2}, ids_2, output_hidden_states=True)
-    states = jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1)
-    return states, second.text_embeds
+    return sdxl_text_conditioning(first, second)
 
 
 class SDXLEditPipeline(EditPipeline):

@@ -447,12 +447,15 @@ def torch_diffusion_loss(
     random_p,
     conditioning_dropout_prob: float = 0.05,
     prediction_type: str = "epsilon",
+    added_cond_kwargs: dict | None = None,
 ):
     """The loss of diffusers' examples/instruct_pix2pix/train_instruct_pix2pix.py from encoded
     inputs (torch tensors, NCHW): the conditioning dropout of the original's ddpm_edit.py
     (r < 2p: the text becomes ``null_text``; p <= r < 3p: the image latent becomes zeros),
     ``DDPMScheduler.add_noise``, the 8-channel UNet and the epsilon / v MSE. ``latents`` are
-    already scaled by the VAE factor. Returns the scalar loss tensor (backward not taken)."""
+    already scaled by the VAE factor. ``added_cond_kwargs`` (SDXL's text_embeds and time_ids)
+    go to the UNet as they are, as train_instruct_pix2pix_sdxl.py's step passes them.
+    Returns the scalar loss tensor (backward not taken)."""
     import torch
     import torch.nn.functional as F
 
@@ -473,7 +476,12 @@ def torch_diffusion_loss(
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"prediction_type must be epsilon or v_prediction: {prediction_type!r}")
-    model_pred = unet(concatenated_noisy_latents, timesteps, encoder_hidden_states).sample
+    model_pred = unet(
+        concatenated_noisy_latents,
+        timesteps,
+        encoder_hidden_states,
+        added_cond_kwargs=added_cond_kwargs,
+    ).sample
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
 

@@ -98,6 +98,11 @@ class RuntimeConfig:
     attention_kernel: str | None = None  # models.attention.KERNELS: "blockwise", "cudnn", ...
 
 
+# What the input image's latent is: the VAE posterior's mode, as the original's ddpm_edit.py
+# and diffusers' train_instruct_pix2pix.py; or a draw from it, as train_instruct_pix2pix_sdxl.py.
+IMAGE_CONDITIONS = ("mode", "sample")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run."""
@@ -110,6 +115,7 @@ class TrainConfig:
     grad_accum: int = 1
     steps: int = 1000
     prediction_type: str = "epsilon"  # or "v_prediction"
+    image_condition: str = "mode"  # IMAGE_CONDITIONS
     ema_decay: float = 0.9999  # 0 disables; warmed up as min(decay, (1+n)/(10+n))
     # "float32" or "bfloat16" (bf16 compute on fp32 master weights); None: the backend's
     # (float32 on a CPU, bfloat16 on GPUs and TPUs; runtime.profile).

@@ -36,6 +36,7 @@ from ip2p_jax.runtime.distributed import (
     is_primary,
 )
 from ip2p_jax.runtime.mesh import fsdp_at_hand, local_mesh, make_mesh
+from ip2p_jax.train.conditioning import batch_tokenizer
 from ip2p_jax.train.config import TrainConfig
 from ip2p_jax.train.latent_cache import LatentSplit, cached_latents
 from ip2p_jax.train.models import ModelSet, load_models
@@ -239,7 +240,7 @@ def unet_task(config: TrainConfig) -> Task:
         build=lambda mesh: make_trainer(config, load_models(config.model, config.seed), mesh),
         validate=validation_grid,
         export=export_model,
-        tokenizer=lambda trainer: trainer.models.tokenizer,
+        tokenizer=lambda trainer: batch_tokenizer(trainer.models),
         train_source=unet_train_source,
     )
 
@@ -264,7 +265,7 @@ def trained_models(trainer: Trainer, state: TrainState) -> ModelSet:
     params = trained_params(state)
     frozen = {  # on the devices already, unless they span other processes' too
         name: dataclasses.replace(component, params=addressable(component.params))
-        for name in ("vae", "text_encoder")
+        for name in ("vae", "text_encoder", "text_encoder_2")
         if (component := getattr(trainer.models, name)) is not None and name not in params
     }
     return dataclasses.replace(
@@ -284,7 +285,6 @@ def validation_grid(
     input, edited, target. Saved as workdir/validation/step_N.png and to TensorBoard.
     Process 0 edits on its own devices; the others return None once the weights are
     gathered."""
-    from ip2p_jax.pipelines.edit import EditPipeline
     from ip2p_jax.pipelines.images import decode_png
 
     config, models = trainer.config, trained_models(trainer, state)
@@ -292,14 +292,7 @@ def validation_grid(
         return None
     source = EditPairSource(config.data.path, config.data.validation_split)
     examples = [source[i] for i in range(min(config.validation_images, len(source)))]
-    pipeline = EditPipeline(
-        models.unet,
-        models.vae,
-        models.text_encoder,
-        models.tokenizer,
-        models.schedule,
-        mesh=local_mesh(),
-    )
+    pipeline = edit_pipeline(models, local_mesh())
     inputs = [Image.fromarray(decode_png(ex["input_image"])) for ex in examples]
     edited = pipeline.edit(
         inputs,
@@ -317,6 +310,24 @@ def validation_grid(
     return save_grid(rows, workdir, step, reporter, "validation/input_edited_target")
 
 
+def edit_pipeline(models: ModelSet, mesh: Mesh):
+    """The editing pipeline of a run's models: SDXL's when they have a second text encoder."""
+    from ip2p_jax.pipelines.edit import EditPipeline
+    from ip2p_jax.pipelines.sdxl_edit import SDXLEditPipeline
+
+    sd = (models.unet, models.vae, models.text_encoder)
+    if models.text_encoder_2 is None:
+        return EditPipeline(*sd, models.tokenizer, models.schedule, mesh=mesh)
+    return SDXLEditPipeline(
+        *sd,
+        models.text_encoder_2,
+        models.tokenizer,
+        models.tokenizer_2,
+        models.schedule,
+        mesh=mesh,
+    )
+
+
 def export_model(trainer: Trainer, state: TrainState, destination: Path) -> Path:
     """Our checkpoint folder with the EMA weights of what the run trained and the frozen
     parts: `ip2p edit --model` and `ip2p export` (to diffusers) take it. Every process
@@ -329,9 +340,17 @@ def export_model(trainer: Trainer, state: TrainState, destination: Path) -> Path
         "vae": models.vae,
         "text_encoder": models.text_encoder,
     }
+    if models.text_encoder_2 is not None:
+        components["text_encoder_2"] = models.text_encoder_2
     return written_by_primary(
         destination,
-        lambda: write_checkpoint(destination, components, models.tokenizer, models.schedule),
+        lambda: write_checkpoint(
+            destination,
+            components,
+            models.tokenizer,
+            models.schedule,
+            tokenizer_2=models.tokenizer_2,
+        ),
     )
 
 

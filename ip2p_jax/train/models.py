@@ -24,13 +24,15 @@ from ip2p_jax.weights.model_folder import (
 @dataclasses.dataclass
 class ModelSet:
     """The UNet (trained), VAE (frozen), text encoder (frozen unless the config trains it),
-    tokenizer and noise schedule."""
+    tokenizer and noise schedule; SDXL's second text encoder (frozen) and tokenizer."""
 
     unet: LoadedComponent
     vae: LoadedComponent
     text_encoder: LoadedComponent
     tokenizer: CLIPTokenizer
     schedule: NoiseSchedule
+    text_encoder_2: LoadedComponent | None = None
+    tokenizer_2: CLIPTokenizer | None = None
 
 
 def trained_names(config: ModelConfig) -> tuple[str, ...]:
@@ -39,7 +41,9 @@ def trained_names(config: ModelConfig) -> tuple[str, ...]:
 
 
 def load_models(config: ModelConfig, seed: int = 0) -> ModelSet:
-    """Everything a run needs, as `config` says; see ModelConfig."""
+    """Everything a run needs, as `config` says; see ModelConfig. An SDXL init_from (with
+    text_encoder_2/) brings its second text encoder and tokenizer_2."""
+    sdxl = {}
     if config.init_from:
         folder = resolve_model(config.init_from)
         unet = load_component(folder, "unet", in_channels=config.in_channels)
@@ -52,6 +56,11 @@ def load_models(config: ModelConfig, seed: int = 0) -> ModelSet:
             else CLIPTokenizer.bundled()
         )
         schedule = NoiseSchedule.from_folder(folder)
+        if (folder / "text_encoder_2").is_dir():
+            sdxl = {
+                "text_encoder_2": load_component(folder, "text_encoder_2"),
+                "tokenizer_2": CLIPTokenizer.from_folder(folder / "tokenizer_2"),
+            }
         if config.add_cross_attention:
             unet = add_cross_attention(unet, seed)
     else:
@@ -73,7 +82,7 @@ def load_models(config: ModelConfig, seed: int = 0) -> ModelSet:
         schedule = NoiseSchedule.from_dict(SD_SCHEDULER_CONFIG, source="SD_SCHEDULER_CONFIG")
     if config.vae_from:
         vae = load_component(resolve_model(config.vae_from), "vae")
-    return ModelSet(unet, vae, text_encoder, tokenizer, schedule)
+    return ModelSet(unet, vae, text_encoder, tokenizer, schedule, **sdxl)
 
 
 def keep_shapes_only(component: LoadedComponent) -> None:

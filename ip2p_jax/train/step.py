@@ -28,7 +28,15 @@ from ip2p_jax.runtime.compilation import jit
 from ip2p_jax.runtime.distributed import host_copy
 from ip2p_jax.runtime.profile import BackendProfile, current_profile
 from ip2p_jax.train import sharding
-from ip2p_jax.train.config import RuntimeConfig, TrainConfig
+from ip2p_jax.train.conditioning import (
+    TIME_IDS,
+    batch_tokenizer,
+    encode_text,
+    is_sdxl,
+    text_encoder_names,
+    time_ids,
+)
+from ip2p_jax.train.config import IMAGE_CONDITIONS, RuntimeConfig, TrainConfig
 from ip2p_jax.train.latent_cache import check_cacheable, encode_images
 from ip2p_jax.train.loss import diffusion_loss
 from ip2p_jax.train.models import (
@@ -179,13 +187,23 @@ def _prepared_models(
         )
     if models.vae is None:
         raise ValueError("no VAE: set model.vae, model.vae_from or model.init_from")
+    if config.image_condition not in IMAGE_CONDITIONS:
+        raise ValueError(
+            f"image_condition={config.image_condition!r}: choose one of {IMAGE_CONDITIONS}"
+        )
+    if is_sdxl(models) and config.model.train_text_encoder:
+        raise ValueError(
+            "model.train_text_encoder trains SD's one text encoder; SDXL's two stay frozen "
+            "(as diffusers' train_instruct_pix2pix_sdxl.py)"
+        )
     if config.data.cache_latents:
         check_cacheable(config.data)
     # The UNet and text encoder compute in the compute dtype on their float32 master weights;
     # the frozen VAE in float32. Kernel and conv lowering: the profile's, with the config's
     # overrides.
     models.unet.use_profile(profile, dtype)
-    models.text_encoder.use_profile(profile, dtype)
+    for name in text_encoder_names(models):
+        getattr(models, name).use_profile(profile, dtype)
     models.vae.use_profile(profile, "float32")
     # The model predicts what the config trains it to, whatever the loaded scheduler said:
     # validation edits and the exported scheduler config must sample it that way.
@@ -202,16 +220,8 @@ def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
     frozen = {
         "vae": models.vae.params,
         "alphas_cumprod": jax.device_put(models.schedule.alphas_cumprod(), replicated),
+        **_frozen_conditioning(config, models, replicated),
     }
-    text = models.text_encoder
-    null_ids = jnp.asarray(models.tokenizer([""]))
-    if config.model.train_text_encoder:  # "" is encoded anew by each step's weights
-        frozen["null_ids"] = jax.device_put(null_ids, replicated)
-    else:
-        null_text = text.module.apply({"params": text.params}, null_ids).last_hidden_state
-        memory.move_to_devices(text, replicated)
-        frozen["text"] = text.params
-        frozen["null_text"] = jax.device_put(null_text, replicated)
     optimizer = make_optimizer(config.optim, config.steps)
     return Trainer(config, models, mesh, optimizer, frozen, profile)
 
@@ -221,34 +231,56 @@ def abstract_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Train
     are its frozen inputs: for lowering and inspecting the step program of a model too large
     to hold, or for another platform (scripts/check_lowering.py). It cannot step."""
     models, profile = _prepared_models(config, models, mesh)
-    null_ids = jnp.asarray(models.tokenizer([""]))
     alphas = models.schedule.alphas_cumprod()
     frozen = {
         "vae": models.vae.params,
         "alphas_cumprod": jax.ShapeDtypeStruct(alphas.shape, alphas.dtype),
+        **_frozen_conditioning(config, models, None),
     }
-    text = models.text_encoder
-    if config.model.train_text_encoder:
-        frozen["null_ids"] = jax.ShapeDtypeStruct(null_ids.shape, null_ids.dtype)
-    else:
-        encode = lambda params: text.module.apply({"params": params}, null_ids)
-        frozen["text"] = text.params
-        frozen["null_text"] = jax.eval_shape(encode, text.params).last_hidden_state
     optimizer = make_optimizer(config.optim, config.steps)
     return Trainer(config, models, mesh, optimizer, frozen, profile)
 
 
+def _frozen_conditioning(config: TrainConfig, models: ModelSet, replicated) -> dict:
+    """The step's text inputs that don't change: the frozen text encoders' params (moved to
+    `replicated` in place) with the encoding of "" (conditioning dropout's null text), or
+    the ids of "" when the encoder is trained; SDXL's time ids. `replicated` None: shapes
+    only (`abstract_trainer`)."""
+    null_ids = jnp.asarray(batch_tokenizer(models)([""]))
+    small = {"time_ids": jnp.asarray(time_ids(config.data.resolution))} if is_sdxl(models) else {}
+    frozen = {}
+    if config.model.train_text_encoder:  # "" is encoded anew by each step's weights
+        small["null_ids"] = null_ids
+    else:
+        names = text_encoder_names(models)
+        params = {name: getattr(models, name).params for name in names}
+        encode = lambda params: encode_text(models, params, null_ids)[0]  # noqa: E731
+        if replicated is None:
+            small["null_text"] = jax.eval_shape(encode, params)
+        else:
+            small["null_text"] = encode(params)
+            for name in names:
+                memory.move_to_devices(getattr(models, name), replicated)
+        frozen["text"] = {name: getattr(models, name).params for name in names}
+    if replicated is None:
+        small = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), small)
+    else:
+        small = jax.device_put(small, replicated)
+    return {**frozen, **small}
+
+
 def _text_states(trainer: Trainer, params: dict, frozen: dict, input_ids: jax.Array):
-    """(text, null_text): the encoder's last hidden states of the batch and of "", the text
-    conditioning dropout puts in. A trained encoder is differentiated through; a frozen one
-    is not, and its "" was encoded once."""
-    module = trainer.models.text_encoder.module
+    """(text, pooled text or None, null_text): the UNet's text states of the batch (see
+    train.conditioning), SDXL's pooled text, and the states of "" that conditioning dropout
+    puts in. A trained encoder is differentiated through; a frozen one is not, and its ""
+    was encoded once."""
+    models = trainer.models
     if "text_encoder" not in params:
-        text = module.apply({"params": frozen["text"]}, input_ids).last_hidden_state
-        return jax.lax.stop_gradient(text), frozen["null_text"]
-    weights = {"params": params["text_encoder"]}
-    text = module.apply(weights, input_ids).last_hidden_state
-    return text, module.apply(weights, frozen["null_ids"]).last_hidden_state
+        text, pooled = encode_text(models, frozen["text"], input_ids)
+        return jax.lax.stop_gradient(text), jax.lax.stop_gradient(pooled), frozen["null_text"]
+    trained = {"text_encoder": params["text_encoder"]}
+    text, pooled = encode_text(models, trained, input_ids)
+    return text, pooled, encode_text(models, trained, frozen["null_ids"])[0]
 
 
 def _encode_images(trainer: Trainer, frozen: dict, batch: dict, key: jax.Array):
@@ -267,16 +299,25 @@ def _encode_images(trainer: Trainer, frozen: dict, batch: dict, key: jax.Array):
             for name in ("input", "edited")
         }
     target = posterior["edited"].sample(key) * models.vae.config.scaling_factor
-    image_latent = posterior["input"].mode()
+    if trainer.config.image_condition == "sample":
+        image_latent = posterior["input"].sample(jax.random.fold_in(key, 1))
+    else:
+        image_latent = posterior["input"].mode()
     return jax.lax.stop_gradient(target), jax.lax.stop_gradient(image_latent)
 
 
 def _micro_loss(trainer: Trainer, params, frozen: dict, micro: dict, key: jax.Array):
     config = trainer.config
     keys = jax.random.split(key, 4)
-    text, null_text = _text_states(trainer, params, frozen, micro["input_ids"])
+    text, pooled, null_text = _text_states(trainer, params, frozen, micro["input_ids"])
     latents, image_latent = _encode_images(trainer, frozen, micro, keys[0])
     batch = latents.shape[0]
+    added = {}  # SDXL's added conditioning, which dropout leaves as it is
+    if pooled is not None:
+        added = {
+            "text_embeds": pooled,
+            "time_ids": jnp.broadcast_to(frozen["time_ids"], (batch, TIME_IDS)),
+        }
     noise = jax.random.normal(keys[1], latents.shape, latents.dtype)
     timesteps = jax.random.randint(keys[2], (batch,), 0, frozen["alphas_cumprod"].shape[0])
     draw = jax.random.uniform(keys[3], (batch,))
@@ -285,7 +326,7 @@ def _micro_loss(trainer: Trainer, params, frozen: dict, micro: dict, key: jax.Ar
     unet = trainer.models.unet.module.clone(remat_policy=config.remat)
 
     def denoise(x, t, context):
-        return unet.apply({"params": params["unet"]}, x, t, context)
+        return unet.apply({"params": params["unet"]}, x, t, context, **added)
 
     return diffusion_loss(
         denoise,

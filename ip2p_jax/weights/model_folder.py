@@ -49,7 +49,7 @@ from ip2p_jax.weights.safetensors_io import (
 MARKER = "ip2p_jax.json"
 PARAMS_FILE = "params.safetensors"
 FORMAT_VERSION = 1
-COPIED_FOLDERS = ("tokenizer", "scheduler")
+COPIED_FOLDERS = ("tokenizer", "tokenizer_2", "scheduler")
 # What a hub download fetches: the configs, the tokenizer files and each component's own
 # weights. Not the whole-pipeline single-file checkpoints some repos keep at their root, nor
 # the fp16 / non-EMA variants beside the weights (each several GB).
@@ -135,6 +135,13 @@ COMPONENTS = {
 }
 # The components of a Stable Diffusion (1.x, 2.x) InstructPix2Pix folder.
 SD_COMPONENTS = ("unet", "vae", "text_encoder")
+SDXL_COMPONENTS = (*SD_COMPONENTS, "text_encoder_2")
+
+
+def folder_components(folder: str | os.PathLike) -> tuple[str, ...]:
+    """The model components of a diffusers folder or our checkpoint: SDXL's (a second text
+    encoder, as diffusers' SDXL pipelines save it) when it has text_encoder_2/, else SD's."""
+    return SDXL_COMPONENTS if (Path(folder) / "text_encoder_2").is_dir() else SD_COMPONENTS
 
 
 def param_dtype(dtype: str | np.dtype) -> np.dtype:
@@ -333,19 +340,35 @@ def _copy_side_folders(source: Path, target: Path) -> None:
             shutil.copytree(source / folder, target / folder)
 
 
-def _model_index(source: Path, unet_in_channels: int) -> dict[str, Any]:
+def _model_index(source: Path, unet_in_channels: int, components: Sequence[str]) -> dict[str, Any]:
+    """The source's model_index.json (if any) naming the classes diffusers loads the written
+    components with; SDXL's pipeline classes when there is a text_encoder_2."""
     index = (
         load_json(source / "model_index.json") if (source / "model_index.json").is_file() else {}
     )
+    sdxl = "text_encoder_2" in components
     if unet_in_channels == 8:
-        index["_class_name"] = "StableDiffusionInstructPix2PixPipeline"
-    index.setdefault("_class_name", "StableDiffusionPipeline")
+        index["_class_name"] = (
+            "StableDiffusionXLInstructPix2PixPipeline"
+            if sdxl
+            else "StableDiffusionInstructPix2PixPipeline"
+        )
+    index.setdefault(
+        "_class_name", "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    )
     index.update(
         unet=["diffusers", "UNet2DConditionModel"],
         vae=["diffusers", "AutoencoderKL"],
         text_encoder=["transformers", "CLIPTextModel"],
         tokenizer=["transformers", "CLIPTokenizer"],
     )
+    if sdxl:
+        index.update(
+            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+            tokenizer_2=["transformers", "CLIPTokenizer"],
+        )
+        index.setdefault("force_zeros_for_empty_prompt", True)
+        return index
     for optional in ("safety_checker", "feature_extractor", "image_encoder"):
         index.setdefault(optional, [None, None])
     index.setdefault("requires_safety_checker", False)
@@ -374,16 +397,19 @@ def convert_to_flax(
     *,
     in_channels: int | None = None,
     overwrite: bool = False,
-    components: tuple[str, ...] = SD_COMPONENTS,
+    components: Sequence[str] | None = None,
     dtype: str = "float32",
 ) -> Path:
-    """A diffusers folder (or hub id) -> our checkpoint in ``dtype``, written atomically.
+    """A diffusers folder (or hub id) -> our checkpoint in ``dtype``, written atomically;
+    ``components`` default to the folder's (`folder_components`: SDXL's with its second text
+    encoder and tokenizer_2).
 
     Components are converted one at a time, each streamed tensor by tensor, so peak memory
     is about one component's fp32 size.
     """
     source = resolve_model(source)
     destination = Path(destination)
+    components = tuple(components or folder_components(source))
     unet_channels = None
     with atomic_folder(destination, overwrite) as staging:
         for name in components:
@@ -393,7 +419,7 @@ def convert_to_flax(
                 unet_channels = loaded.config.in_channels
             del loaded
         _copy_side_folders(source, staging)
-        index = _model_index(source, unet_channels or 4)
+        index = _model_index(source, unet_channels or 4, components)
         (staging / "model_index.json").write_text(json.dumps(index, indent=2))
         _write_marker(staging, str(source), components)
     return destination
@@ -405,15 +431,21 @@ def write_checkpoint(
     tokenizer: CLIPTokenizer,
     schedule: NoiseSchedule,
     *,
+    tokenizer_2: CLIPTokenizer | None = None,
     overwrite: bool = True,
 ) -> Path:
     """Our checkpoint from components in memory (a trained model), written atomically, with
-    the tokenizer's files and the noise schedule as an Euler-ancestral scheduler config."""
+    the tokenizer's files (and SDXL's ``tokenizer_2`` beside a ``text_encoder_2``) and the
+    noise schedule as an Euler-ancestral scheduler config."""
     destination = Path(destination)
+    if ("text_encoder_2" in components) != (tokenizer_2 is not None):
+        raise ValueError("a text_encoder_2 component and tokenizer_2 go together (SDXL's)")
     with atomic_folder(destination, overwrite) as staging:
         for name, component in components.items():
             _write_component(staging, name, component.raw_config, jax.device_get(component.params))
         shutil.copytree(tokenizer.folder or BUNDLED_DIR, staging / "tokenizer")
+        if tokenizer_2 is not None:
+            shutil.copytree(tokenizer_2.folder or BUNDLED_DIR, staging / "tokenizer_2")
         scheduler = {
             "_class_name": "EulerAncestralDiscreteScheduler",
             **dict(schedule.raw),
@@ -428,7 +460,7 @@ def write_checkpoint(
             json.dumps(scheduler, indent=2)
         )
         unet_channels = components["unet"].config.in_channels if "unet" in components else 4
-        index = _model_index(staging, unet_channels)
+        index = _model_index(staging, unet_channels, list(components))
         index["scheduler"] = ["diffusers", scheduler["_class_name"]]
         (staging / "model_index.json").write_text(json.dumps(index, indent=2))
         _write_marker(staging, "trained with ip2p-jax", list(components))
@@ -445,13 +477,15 @@ def export_diffusers(
     """Our checkpoint -> a diffusers folder (safetensors, PyTorch layout), written atomically.
 
     ``dtype`` (``"float16"``, ...) casts the stored weights; None keeps them as they are.
-    ``StableDiffusionInstructPix2PixPipeline.from_pretrained(destination)`` loads it.
+    ``StableDiffusionInstructPix2PixPipeline.from_pretrained(destination)`` loads it (for an
+    SDXL checkpoint, with text_encoder_2: ``StableDiffusionXLInstructPix2PixPipeline``).
     """
     source = resolve_model(source)
     destination = Path(destination)
+    components = folder_components(source)
     unet_channels = 4
     with atomic_folder(destination, overwrite) as staging:
-        for name in SD_COMPONENTS:
+        for name in components:
             component = COMPONENTS[name]
             loaded = load_component(source, name, dtype=dtype)
             state = component.state_dict(loaded.params)
@@ -462,7 +496,7 @@ def export_diffusers(
                 unet_channels = loaded.config.in_channels
             del loaded, state
         _copy_side_folders(source, staging)
-        index = _model_index(source, unet_channels)
+        index = _model_index(source, unet_channels, components)
         (staging / "model_index.json").write_text(json.dumps(index, indent=2))
     return destination
 

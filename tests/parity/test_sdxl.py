@@ -97,19 +97,45 @@ def test_the_added_conditioning_is_required(sdxl_folder):
         )
 
 
-def test_the_second_text_encoder_exports_under_transformers_names(sdxl_folder):
-    """text_model.* with text_projection at the top, as CLIPTextModelWithProjection saves."""
+def test_an_sdxl_folder_converts_and_exports_back_bit_for_bit(sdxl_folder, tmp_path):
+    """`ip2p convert` then `ip2p export`: every weight of the four components comes back as
+    diffusers saved it (the second encoder's text_projection at the top, as
+    CLIPTextModelWithProjection names it), with tokenizer_2 and an SDXL model_index.json
+    that diffusers' StableDiffusionXLInstructPix2PixPipeline loads."""
+    from diffusers import StableDiffusionXLInstructPix2PixPipeline
     from safetensors.numpy import load_file
 
-    from ip2p_jax.weights.model_folder import COMPONENTS, load_component
+    from ip2p_jax.apps.cli.main import main
 
-    loaded = load_component(sdxl_folder, "text_encoder_2")
-    exported = COMPONENTS["text_encoder_2"].state_dict(loaded.params)
-    saved = load_file(sdxl_folder / "text_encoder_2" / "model.safetensors")
+    ours, back = tmp_path / "flax", tmp_path / "diffusers"
+    assert main(["convert", str(sdxl_folder), str(ours)]) == 0
+    assert json.loads((ours / "ip2p_jax.json").read_text())["components"][-1] == "text_encoder_2"
+    assert main(["export", str(ours), str(back)]) == 0
+    for name, stem in [
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+        ("text_encoder_2", "model"),
+    ]:
+        original = load_file(sdxl_folder / name / f"{stem}.safetensors")
+        original.pop("text_model.embeddings.position_ids", None)  # a buffer, not a weight
+        exported = load_file(back / name / f"{stem}.safetensors")
+        # transformers 5 saves CLIPTextModel without the text_model. prefix that we export
+        # (every version loads it); the second encoder keeps it.
+        exported = {
+            key if key in original else key.removeprefix("text_model."): value
+            for key, value in exported.items()
+        }
+        assert set(exported) == set(original), name
+        for key, value in exported.items():
+            np.testing.assert_array_equal(value, original[key], err_msg=f"{name}: {key}")
     assert "text_projection.weight" in exported
-    assert set(exported) == set(saved) - {"text_model.embeddings.position_ids"}
-    for key, value in exported.items():
-        np.testing.assert_array_equal(value, saved[key])
+    assert (back / "tokenizer_2" / "tokenizer_config.json").is_file()
+    index = json.loads((back / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLInstructPix2PixPipeline"
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(back)
+    assert pipe.tokenizer_2.pad_token == "!"  # SDXL's second tokenizer pads with "!"
 
 
 def test_ip2p_edit_on_an_sdxl_folder_keeps_the_input_size(sdxl_folder, tmp_path):

@@ -56,20 +56,26 @@ class Inputs:
     null_text: np.ndarray  # [1, 77, D]
     timesteps: np.ndarray  # [B] int64
     draw: np.ndarray  # [B] float32, U(0, 1)
+    added: dict | None = None  # SDXL's text_embeds [B, P] and time_ids [B, 6]
 
     @staticmethod
     def nhwc(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
-def _inputs(context_dim: int, seed: int = 0, side: int = 16) -> Inputs:
+def _inputs(context_dim: int, seed: int = 0, side: int = 16, pooled_dim: int = 0) -> Inputs:
     rng = np.random.default_rng(seed)
     batch = len(DRAW)
 
     def normal(*shape):
         return rng.standard_normal(shape).astype(np.float32)
 
+    added = None
+    if pooled_dim:  # SDXL: the pooled text, and the time ids of a training crop of 8 x side px
+        ids = np.asarray([[8 * side, 8 * side, 0, 0, 8 * side, 8 * side]], np.float32)
+        added = {"text_embeds": normal(batch, pooled_dim), "time_ids": np.repeat(ids, batch, 0)}
     return Inputs(
+        added=added,
         latents=normal(batch, 4, side, side),
         image_latent=normal(batch, 4, side, side),
         noise=normal(batch, 4, side, side),
@@ -84,7 +90,11 @@ def _folder_inputs(folder) -> Inputs:
     import json
 
     config = json.loads((folder / "unet" / "config.json").read_text())
-    return _inputs(config["cross_attention_dim"], side=config["sample_size"])
+    pooled_dim = 0
+    if config.get("addition_embed_type") == "text_time":  # what the six time ids leave
+        time_dims = 6 * config["addition_time_embed_dim"]
+        pooled_dim = config["projection_class_embeddings_input_dim"] - time_dims
+    return _inputs(config["cross_attention_dim"], side=config["sample_size"], pooled_dim=pooled_dim)
 
 
 def _reference_masks(r):
@@ -129,6 +139,8 @@ def _torch_step(folder, inputs: Inputs, prediction_type: str):
         random_p=torch.from_numpy(inputs.draw),
         conditioning_dropout_prob=UNCOND,
         prediction_type=prediction_type,
+        added_cond_kwargs=inputs.added
+        and {k: torch.from_numpy(v) for k, v in inputs.added.items()},
     )
     unet.zero_grad()
     loss.backward()
@@ -158,10 +170,11 @@ def _our_steps(folder, gradients: bool) -> dict[str, tuple[float, dict[str, np.n
     unet = load_component(folder, "unet")
     alphas_cumprod = jnp.asarray(NoiseSchedule.from_folder(folder).alphas_cumprod())
     nhwc = Inputs.nhwc
+    added = {k: jnp.asarray(v) for k, v in (inputs.added or {}).items()}
 
     def loss_fn(params, prediction_type):
-        def denoise(x, t, ctx):
-            return unet.module.apply({"params": params}, x, t, ctx)
+        def denoise(x, t, ctx):  # SDXL's added conditioning as our train step passes it
+            return unet.module.apply({"params": params}, x, t, ctx, **added)
 
         return diffusion_loss(
             denoise,
@@ -324,6 +337,15 @@ def test_loss_matches_torch(request, folder, prediction_type, gradients):
     loss, error = result["ref_loss"], result["loss_rel"]
     print(f"{folder} {prediction_type}: loss {loss:.6f} rel err {error:.2e}")
     _assert_loss_matches(result)
+
+
+def test_sdxl_train_step_matches_torch_tiny(tiny_sdxl_folder):
+    """train_instruct_pix2pix_sdxl.py's step: the SDXL UNet (text_time: the pooled text and
+    time ids through its added embedding; per-level transformer depths, linear projections)
+    with the same dropout, noise and epsilon loss. Loss and every parameter's gradient."""
+    result = _compare(tiny_sdxl_folder, "epsilon", gradients=True)
+    assert any(name.startswith("add_embedding.") for name in result["per_tensor"])
+    _assert_step_matches(result)
 
 
 def test_loss_tolerance_would_catch_a_wrong_step(tiny_folder):

@@ -1,8 +1,8 @@
 """`ip2p train` as a pod runs it: 2 JAX processes x 2 CPU devices on localhost (gloo
-collectives), with FSDP groups across both processes (fsdp=4), inside each (fsdp=2), and pure
-data parallelism. The FSDP runs take a few steps with checkpoints, get a SIGTERM to one
-process mid-run and are resumed with `--resume`; every model must equal a one-process run's. The
-fsdp=4 run also validates and is exported on one device by `ip2p export-run`; the fsdp=2
+collectives), with FSDP groups across both processes (fsdp=4) and inside each (fsdp=2, data
+parallel across them). Both runs take a few steps with checkpoints, get a SIGTERM to one
+process mid-run and are resumed with `--resume`; every model must equal a one-process run's.
+The fsdp=4 run also validates and is exported on one device by `ip2p export-run`; the fsdp=2
 run is resumed on one process."""
 
 from __future__ import annotations
@@ -162,21 +162,12 @@ def test_fsdp_across_hosts_validates_stops_resumes_and_exports_on_one_device(
         _assert_same_unet(model, one_process_model)
 
 
-def test_data_parallel_over_hosts_ends_like_one(shapes32, one_process_model, tmp_path):
-    """fsdp=1: every weight replicated on both hosts. One straight run (the stop and resume
-    of a multi-process run are the FSDP tests')."""
-    config = _config_file(tmp_path, shapes32, fsdp=1)
-    workdir = tmp_path / "run"
-    finished = _finish(_train_pair(config, workdir))
-    assert all(f"finished at step {STEPS}" in out for out in finished)
-    assert [row["step"] for row in read_metrics(workdir)] == list(range(1, STEPS + 1))
-    _assert_same_unet(workdir / "model", one_process_model)
-
-
 def test_fsdp_inside_hosts_stops_and_resumes_on_one_process(shapes32, one_process_model, tmp_path):
-    """fsdp=2 (a group per process), stopped on 2 processes and resumed by 1 process with 2
-    devices: orbax restores onto the mesh at hand, and the data goes on from the example
-    where the saved run was, so the model is the one-process run's."""
+    """fsdp=2 (a group per process: data parallel across the hosts, each weight split over
+    one host's devices), stopped on 2 processes and resumed by 1 process with 2 devices:
+    orbax restores onto the mesh at hand, and the data goes on from the example where the
+    saved run was, so the model is the one-process run's. (Pure data parallelism, fsdp=1,
+    reduces across hosts as this does; its 2-process run is not repeated here.)"""
     config = _config_file(tmp_path, shapes32, fsdp=2)
     workdir = tmp_path / "run"
     _stop_mid_run(_train_pair(config, workdir), workdir)

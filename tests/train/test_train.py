@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,14 +135,14 @@ def test_sigterm_saves_and_exits_cleanly(shapes32, tmp_path):
     assert saved == max(_losses(workdir))  # the step it stopped at is the one saved
 
 
-def test_non_finite_loss_stops_the_run_with_the_last_checkpoint_intact(shapes32, tmp_path):
-    config = micro_config(shapes32, steps=4, checkpoint_every=2)
-    train(config, tmp_path)
+def test_non_finite_loss_stops_the_run_with_the_last_checkpoint_intact(
+    shapes32, three_step_run, tmp_path
+):
+    shutil.copytree(three_step_run, tmp_path, dirs_exist_ok=True)  # a run saved at step 3
+    config = micro_config(shapes32, steps=8)
     diverging = dataclasses.replace(
-        config,
-        steps=8,
-        optim=dataclasses.replace(config.optim, learning_rate=float("inf")),
+        config, optim=dataclasses.replace(config.optim, learning_rate=float("inf"))
     )
-    with pytest.raises(TrainingDiverged, match="last checkpoint \\(4\\) is intact"):
+    with pytest.raises(TrainingDiverged, match="last checkpoint \\(3\\) is intact"):
         train(diverging, tmp_path, resume=True)
-    assert Checkpoints(tmp_path).latest_step() == 4
+    assert Checkpoints(tmp_path).latest_step() == 3
