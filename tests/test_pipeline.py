@@ -117,8 +117,8 @@ def test_image_scale_one_edits_equal_the_three_row_result(pipe, scene, monkeypat
     two = pipe.edit(scene, "make it blue", steps=3, image_scale=1.0, resolution=32)[0]
     original = pipeline_module._sample_latents
 
-    def forced_three_rows(unet, sampler, three_rows, *rest):
-        return original(unet, sampler, True, *rest)
+    def forced_three_rows(unet, sampler, three_rows, *rest, **options):
+        return original(unet, sampler, True, *rest, **options)
 
     monkeypatch.setattr(pipeline_module, "_sample_latents", forced_three_rows)
     three = pipe.edit(scene, "make it blue", steps=3, image_scale=1.0, resolution=32)[0]

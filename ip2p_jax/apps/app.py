@@ -164,18 +164,23 @@ def launch_app(
     block: bool = True,
     dtype: str | None = None,
     attention: str | None = None,
+    cosxl_edit: bool = False,
 ):
     """Loads the model (the bundled shapes model by default) in ``dtype`` with the
-    ``attention`` kernel (None: the backend's, see EditPipeline.from_pretrained) and serves
-    the page; returns the Gradio Blocks (already serving when ``block`` is False)."""
+    ``attention`` kernel (None: the backend's, see EditPipeline.from_pretrained), as a CosXL
+    Edit model when ``cosxl_edit``, and serves the page; returns the Gradio Blocks (already
+    serving when ``block`` is False)."""
     from ip2p_jax.apps.shipped import sampling_defaults, shipped_model
     from ip2p_jax.pipelines.auto import load_edit_pipeline
 
     shipped = model is None
     pipeline = load_edit_pipeline(
-        shipped_model() if shipped else model, dtype=dtype, attention=attention
+        shipped_model() if shipped else model,
+        dtype=dtype,
+        attention=attention,
+        cosxl_edit=cosxl_edit,
     )
-    defaults = sampling_defaults(shipped)
+    defaults = sampling_defaults(shipped, cosxl_edit)
     defaults = dataclasses.replace(
         defaults, resolution=resolution or defaults.resolution, steps=steps or defaults.steps
     )

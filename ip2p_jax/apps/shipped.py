@@ -8,7 +8,7 @@ edits shapes scenes; it knows nothing of photographs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ip2p_jax.assets import ASSETS
@@ -35,8 +35,11 @@ REFERENCE_SAMPLING = SamplingDefaults(512, 100, 7.5, 1.5, "euler_ancestral")
 SHAPES_SAMPLING = SamplingDefaults(64, 20, 3.0, 1.5, "euler_ancestral")
 
 
-def sampling_defaults(shipped: bool) -> SamplingDefaults:
-    """The bundled model's defaults, or the reference's for any other model."""
+def sampling_defaults(shipped: bool, cosxl_edit: bool = False) -> SamplingDefaults:
+    """The bundled model's defaults, or the reference's for any other model; a CosXL Edit
+    model (EDM noise levels) samples with edm_euler, the sampler of its scheduler."""
+    if cosxl_edit:
+        return replace(REFERENCE_SAMPLING, sampler="edm_euler")
     return SHAPES_SAMPLING if shipped else REFERENCE_SAMPLING
 
 

@@ -289,13 +289,16 @@ def sample(
     keys: jax.Array | None = None,
     noise: jax.Array | None = None,
     on_step: Callable[[jax.Array], None] | None = None,
+    end: int | None = None,
 ) -> jax.Array:
     """Runs the chain from unit-variance noise ``x`` to a clean latent, in one fori_loop.
 
     ``noise`` [steps, *x.shape] replaces the per-step draws from ``keys`` (parity tests).
-    ``on_step(i)`` is called on the host after each step (a progress bar).
+    ``on_step(i)`` is called on the host after each step (a progress bar). ``end`` stops the
+    chain after that many of the plan's steps (a still noisy latent, as diffusers'
+    ``denoising_end``; see `denoising_end_step`).
     """
-    steps = plan["timesteps"].shape[0]
+    steps = plan["timesteps"].shape[0] if end is None else end
     if sampler.stochastic and keys is None and noise is None:
         raise ValueError(f"{type(sampler).__name__} draws noise: pass keys or noise")
     x = x * plan["init_sigma"]
@@ -316,3 +319,17 @@ def sample(
 
     x, _ = jax.lax.fori_loop(0, steps, body, (x, jnp.zeros_like(x)))
     return x
+
+
+def denoising_end_step(plan: Plan, denoising_end: float, num_train_timesteps: int) -> int:
+    """How many of the plan's steps run before diffusers' ``denoising_end`` (a fraction in
+    (0, 1)) stops the chain: those whose timestep is at least
+    ``round(T - denoising_end * T)``, T the training timesteps (SDXL's pipelines, for a
+    refiner to take over from there)."""
+    if not 0.0 < denoising_end < 1.0:
+        raise ValueError(f"denoising_end must be in (0, 1), got {denoising_end}")
+    cutoff = int(round(num_train_timesteps - denoising_end * num_train_timesteps))
+    end = int((np.asarray(plan["timesteps"]) >= cutoff).sum())
+    if end == 0:
+        raise ValueError(f"denoising_end={denoising_end} stops the chain before its first step")
+    return end

@@ -87,10 +87,13 @@ def sample_latents(
     unet_params,
     plan,
     batch: GuidedBatch,
+    *,
+    end: int | None = None,
 ):
     """The sampling program: the guided sampling loop from the batch's initial noise to clean
-    latents (float32). The first five arguments are static (jitted as ``_sample_latents``;
-    scripts/check_lowering.py lowers it for other platforms)."""
+    latents (float32), or to the plan's step ``end`` (``denoising_end``). The first five
+    arguments and ``end`` are static (jitted as ``_sample_latents``; scripts/check_lowering.py
+    lowers it for other platforms)."""
 
     def unet(x, t, context):
         if isinstance(context, dict):  # SDXL: the text states and the added conditioning
@@ -119,10 +122,11 @@ def sample_latents(
         keys=batch.keys,
         noise=batch.step_noise,
         on_step=on_step,
+        end=end,
     )
 
 
-_sample_latents = jit(sample_latents, static_argnums=(0, 1, 2, 3, 4))
+_sample_latents = jit(sample_latents, static_argnums=(0, 1, 2, 3, 4), static_argnames="end")
 
 
 @jit(static_argnums=0)
@@ -250,6 +254,15 @@ class LatentPipeline:
         """Rows to add so the mesh splits the batch evenly (dropped after decoding)."""
         return -batch % self.mesh.devices.size
 
+    def check_added_conditioning(self, options: dict) -> None:
+        """Refuses conditioning options the model does not take (SDXL's pipeline takes its
+        size conditioning: original_size, crops_coords_top_left, target_size)."""
+        if options:
+            raise TypeError(
+                f"{type(self).__name__} takes no {', '.join(sorted(options))}: the size "
+                "conditioning is SDXL's (a folder with text_encoder_2/)"
+            )
+
     def _encode_prompt_pairs(
         self,
         prompts: list[str],
@@ -275,11 +288,13 @@ class LatentPipeline:
         *,
         three_rows: bool,
         progress: bool | None,
+        end: int | None = None,
     ) -> jax.Array:
         """The jitted sampling loop (`_sample_latents`) on a padded, sharded batch, reporting
-        its `steps` steps when `progress` (default: when stderr is a terminal)."""
+        its `steps` steps (or the first `end` of them) when `progress` (default: when stderr
+        is a terminal)."""
         if sys.stderr.isatty() if progress is None else progress:
-            self._progress.start(steps)
+            self._progress.start(steps if end is None else end)
             on_step = self._progress
         else:
             on_step = None
@@ -292,6 +307,7 @@ class LatentPipeline:
             self.unet.params,
             {k: jnp.asarray(v) for k, v in plan.items()},
             batch,
+            end=end,
         )
 
     def _decode_latents(self, latents: jax.Array, batch: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ip2p_jax.diffusion.samplers import Sampler, get_sampler
+from ip2p_jax.diffusion.samplers import Sampler, denoising_end_step, get_sampler
 from ip2p_jax.models.vae import AutoencoderKL
 from ip2p_jax.pipelines.base import (
     GuidedBatch,
@@ -64,13 +64,19 @@ class EditPipeline(LatentPipeline):
         step_noise: np.ndarray | None = None,
         progress: bool | None = None,
         guidance_rescale: float | Sequence[float] = 0.0,
+        denoising_end: float | None = None,
+        **added_conditioning,
     ) -> np.ndarray:
         """[B, H, W, 3] in [-1, 1] -> edited [B, H, W, 3] in about [-1, 1].
 
         ``init_noise`` [B, h, w, 4] and ``step_noise`` [steps, B, h, w, 4] replace the draws
-        from the seeds (parity tests against diffusers' generator). ``guidance_rescale`` is
-        diffusers' SDXL option (0 to 1; 0, the default, leaves the guidance as it is).
+        from the seeds (parity tests against diffusers' generator). ``guidance_rescale`` and
+        ``denoising_end`` are diffusers' SDXL options: the first 0 to 1 (0, the default,
+        leaves the guidance as it is); the second stops the chain at that fraction of the
+        training timesteps, a still noisy result for a refiner. ``added_conditioning`` is
+        the model's own (SDXL's original_size, crops_coords_top_left, target_size).
         """
+        self.check_added_conditioning(added_conditioning)
         batch = pixels.shape[0]
         instructions = list(instructions)
         negatives = None
@@ -85,9 +91,12 @@ class EditPipeline(LatentPipeline):
         if isinstance(sampler, str):
             sampler = get_sampler(sampler)
         plan = sampler.plan(self.schedule, steps)
+        end = None if denoising_end is None else self._denoising_end_step(plan, denoising_end)
 
         padded = self._padding(batch)
-        texts, nulls = self._encode_prompt_pairs(instructions, negatives, padded, pixels.shape[1:3])
+        texts, nulls = self._encode_prompt_pairs(
+            instructions, negatives, padded, pixels.shape[1:3], **added_conditioning
+        )
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + seeds[-1:] * padded, jnp.uint32))
         rescale = rescale if rescale.any() else None  # off: the program without it
         pixels_d, s_t_d, s_i_d, init_d, rescale_d = self._shard(
@@ -107,9 +116,16 @@ class EditPipeline(LatentPipeline):
         )
         three_rows = bool((s_i != 1.0).any())
         latents = self._sample(
-            sampler, plan, steps, conditions, three_rows=three_rows, progress=progress
+            sampler, plan, steps, conditions, three_rows=three_rows, progress=progress, end=end
         )
         return self._decode_latents(latents, batch)
+
+    def _denoising_end_step(self, plan: dict, denoising_end: float) -> int:
+        if self.schedule.is_edm:
+            raise ValueError(
+                "denoising_end counts training timesteps; an EDM model (CosXL) has none"
+            )
+        return denoising_end_step(plan, denoising_end, self.schedule.num_train_timesteps)
 
     def _image_latent(self, pixels: jax.Array) -> jax.Array:
         latent = encode_image(self.vae.module, self.vae.params, pixels)
@@ -133,13 +149,17 @@ class EditPipeline(LatentPipeline):
         keep_size: bool = True,
         progress: bool | None = None,
         guidance_rescale: float | Sequence[float] = 0.0,
+        denoising_end: float | None = None,
+        **added_conditioning,
     ) -> list[Image.Image]:
         """Edits images by instruction; returns PIL images (at the inputs' sizes by default).
 
         Each image is resized so its long side is ``resolution`` and both sides are multiples
         of ``multiple_of``. A batch may mix instructions, scales and seeds; an int ``seed``
         gives image k the seed ``seed + k``. Images of different shapes run in groups.
+        ``denoising_end`` and ``added_conditioning``: see `edit_arrays`.
         """
+        self.check_added_conditioning(added_conditioning)
         single = isinstance(images, (str, os.PathLike, Image.Image))
         images = [images] if single else list(images)
         batch = len(images)
@@ -159,5 +179,11 @@ class EditPipeline(LatentPipeline):
         }
         if negative_prompt is not None:
             per_image["negative_prompt"] = per_example(negative_prompt, batch, "negative_prompt")
-        shared = {"steps": steps, "sampler": sampler_obj, "progress": progress}
+        shared = {
+            "steps": steps,
+            "sampler": sampler_obj,
+            "progress": progress,
+            "denoising_end": denoising_end,
+            **added_conditioning,
+        }
         return self._edit_by_shape(images, per_image, shared, resolution, multiple_of, keep_size)

@@ -3,8 +3,9 @@ Pipeline. What differs from SD-1.x editing (EditPipeline):
 
 - two text encoders: their penultimate hidden states joined along the features are the
   UNet's text states, and the second's projected pooled output is its ``text_embeds``;
-- the time ids ``(original height, width, crop top, left, target height, width)``, here the
-  edited size with no crop, as diffusers' defaults for an image of that size;
+- the time ids ``(original height, width, crop top, left, target height, width)``: by
+  default the edited size with no crop, as diffusers' for an image of that size; set them
+  with ``original_size``, ``crops_coords_top_left`` and ``target_size``;
 - with no negative prompt the null text is zeros (states and pooled), as diffusers'
   ``force_zeros_for_empty_prompt`` (the folder's model_index.json says; true for SDXL);
 - CosXL Edit (``cosxl_edit=True``, diffusers' ``is_cosxl_edit``, which model_index.json does
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -32,6 +34,9 @@ from ip2p_jax.pipelines.base import pad_texts
 from ip2p_jax.pipelines.edit import EditPipeline
 from ip2p_jax.runtime.compilation import jit
 from ip2p_jax.weights.model_folder import LoadedComponent
+
+# diffusers' names for SDXL's size conditioning (the UNet's time ids).
+SIZE_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")
 
 
 @jit(static_argnums=(0, 1))
@@ -128,11 +133,40 @@ class SDXLEditPipeline(EditPipeline):
             jnp.asarray(self.tokenizer_2(prompts)),
         )
 
-    def _encode_prompt_pairs(self, prompts, negatives, padded, size=None):
+    def check_added_conditioning(self, options: dict) -> None:
+        """SDXL's size conditioning, as diffusers' pipeline takes it: ``original_size`` and
+        ``target_size`` (height, width; default the edited size) and ``crops_coords_top_left``
+        (top, left; default (0, 0))."""
+        if unknown := sorted(set(options) - set(SIZE_CONDITIONING)):
+            raise TypeError(
+                f"SDXLEditPipeline takes no {', '.join(unknown)}; its size conditioning is "
+                f"{', '.join(SIZE_CONDITIONING)}"
+            )
+        for name, value in options.items():
+            pair = value is None or (
+                len(value) == 2 and all(isinstance(v, int | np.integer) for v in value)
+            )
+            if not pair or (value is not None and min(value) < 0):
+                raise ValueError(f"{name} must be two non-negative ints, got {value!r}")
+
+    def _encode_prompt_pairs(
+        self,
+        prompts,
+        negatives,
+        padded,
+        size=None,
+        *,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+    ):
         """The UNet's conditioning of the prompts and of their nulls, a dict each
-        (encoder_hidden_states, text_embeds, time_ids), padded by repeating the last row."""
+        (encoder_hidden_states, text_embeds, time_ids), padded by repeating the last row.
+        The time ids: original size, crop top-left, target size (see
+        `check_added_conditioning`)."""
         if size is None:
             raise ValueError("SDXL's time ids need the edited size")
+        ids = [*(original_size or size), *(crops_coords_top_left or (0, 0)), *(target_size or size)]
         rows = len(prompts) + padded
         zero_nulls = negatives is None and self.force_zeros_for_empty_prompt
         if zero_nulls:
@@ -141,9 +175,7 @@ class SDXLEditPipeline(EditPipeline):
         else:
             encoded, null_encoded = super()._encode_prompt_pairs(prompts, negatives, padded)
             (states, pooled), (null_states, null_pooled) = encoded, null_encoded
-        height, width = size
-        ids = jnp.asarray([[height, width, 0, 0, height, width]], jnp.float32)
-        time_ids = jnp.tile(ids, (rows, 1))
+        time_ids = jnp.tile(jnp.asarray([ids], jnp.float32), (rows, 1))
         text = {"encoder_hidden_states": states, "text_embeds": pooled, "time_ids": time_ids}
         null = {
             "encoder_hidden_states": null_states,

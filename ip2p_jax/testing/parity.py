@@ -267,11 +267,14 @@ def edit_both(
     negative_prompt: str | None = None,
     cosxl_edit: bool = False,
     guidance_rescale: float = 0.0,
+    **sdxl_options,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The same edit by diffusers' StableDiffusionInstructPix2PixPipeline (float32) and by
     ours (computing in ``dtype``): identical initial latents and per-step noise (diffusers
     draws it from its generator in turn; a twin generator with the same seed hands our
-    sampler the same numbers). Returns (ours, diffusers') images [B, H, W, 3] in [0, 1]."""
+    sampler the same numbers). ``sdxl_options`` (denoising_end, original_size,
+    crops_coords_top_left, target_size) go to both pipelines under diffusers' names.
+    Returns (ours, diffusers') images [B, H, W, 3] in [0, 1]."""
     import diffusers
     import torch
 
@@ -315,6 +318,7 @@ def edit_both(
             negative_prompt=None if negative_prompt is None else [negative_prompt] * batch,
             **size,
             **({"guidance_rescale": guidance_rescale} if guidance_rescale else {}),
+            **sdxl_options,
         ).images
     del reference
     gc.collect()
@@ -331,6 +335,7 @@ def edit_both(
         step_noise=noise.numpy().transpose(0, 1, 3, 4, 2),
         negative_prompt=negative_prompt,
         guidance_rescale=guidance_rescale,
+        **sdxl_options,
     )
     return np.clip(edited / 2 + 0.5, 0, 1), expected
 

@@ -52,24 +52,37 @@ def test_ip2p_parity_passes_on_an_sdxl_folder(sdxl_folder, capsys):
             assert r["max_abs_error"] < 1e-4, r  # measured 2e-6; the bound is 1/255 mean
 
 
-def test_an_sdxl_edit_with_a_negative_prompt_matches(sdxl_folder):
-    """A negative prompt is encoded (without one the null text is zeros, as diffusers'), and
-    guidance_rescale rescales the guided output as diffusers' rescale_noise_cfg."""
+def test_an_sdxl_edit_with_every_option_matches(sdxl_folder):
+    """diffusers' SDXL options in one edit: a negative prompt is encoded (without one the
+    null text is zeros, as diffusers'); guidance_rescale rescales the guided output as
+    rescale_noise_cfg; the size conditioning sets the time ids; denoising_end stops the
+    chain early (a still noisy result, 1 of 3 steps here)."""
     from PIL import Image
 
+    from ip2p_jax.diffusion.samplers import denoising_end_step, get_sampler
+    from ip2p_jax.diffusion.schedules import NoiseSchedule
     from ip2p_jax.testing.parity import edit_both
 
+    plan = get_sampler("euler").plan(NoiseSchedule.from_folder(sdxl_folder), 3)
+    assert denoising_end_step(plan, 0.4, 1000) == 1  # timesteps 667, 334, 1: stops after 667
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), np.uint8))
-    ours, expected = edit_both(
-        sdxl_folder,
-        "euler",
-        image,
-        ["make it snowy"],
-        steps=2,
-        negative_prompt="blurry",
-        guidance_rescale=0.7,
-    )
-    assert np.abs(ours - expected).max() < 1e-4
+    options = {
+        "negative_prompt": "blurry",
+        "guidance_rescale": 0.7,
+        "original_size": (96, 64),
+        "crops_coords_top_left": (8, 4),
+        "target_size": (48, 48),
+        "denoising_end": 0.4,
+    }
+    ours, expected = edit_both(sdxl_folder, "euler", image, ["make it snowy"], steps=3, **options)
+    error = np.abs(ours - expected).max()
+    assert error < 1e-4, error  # measured 1.8e-6
+    # Leaving an option out moves diffusers' edit by far more than that (on this random
+    # model: original_size 9.8e-3, crops 1.1e-2, target_size 1.3e-2, denoising_end 9.3e-2).
+    for name in ("original_size", "denoising_end"):
+        kept = {k: v for k, v in options.items() if k != name}
+        _, moved = edit_both(sdxl_folder, "euler", image, ["make it snowy"], steps=3, **kept)
+        assert np.abs(moved - expected).max() > 20 * TOLERANCE, name
 
 
 def test_the_added_conditioning_is_required(sdxl_folder):
@@ -176,3 +189,33 @@ def test_ip2p_parity_cosxl_edit_on_an_edm_folder(tmp_path, capsys):
     pixels = np.zeros((1, 32, 32, 3), np.float32)
     with pytest.raises(ValueError, match="EDM noise levels.*use the edm_euler sampler"):
         pipe.edit_arrays(pixels, ["make it snowy"], steps=2, sampler="euler")
+    with pytest.raises(ValueError, match="an EDM model .* has none"):
+        pipe.edit_arrays(pixels, ["a"], steps=2, sampler="edm_euler", denoising_end=0.5)
+    # `ip2p edit --cosxl-edit` samples with edm_euler unless told otherwise.
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "in.png")
+    args = ["edit", "--model", str(folder), "--cosxl-edit", "--image", str(tmp_path / "in.png")]
+    args += ["--instruction", "a", "--out", str(tmp_path / "out.png"), "--steps", "2"]
+    assert main([*args, "--resolution", "32", "--guidance-rescale", "0.5"]) == 0
+    assert (tmp_path / "out.png").is_file()
+
+
+def test_bad_sdxl_options_are_refused_before_compiling(sdxl_folder, tiny_folder):
+    from ip2p_jax.pipelines.edit import EditPipeline
+    from ip2p_jax.pipelines.sdxl_edit import SDXLEditPipeline
+
+    pixels = np.zeros((1, 32, 32, 3), np.float32)
+    sdxl = SDXLEditPipeline.from_pretrained(sdxl_folder)
+    for options, error, message in [
+        ({"original_size": (32,)}, ValueError, "original_size must be two non-negative ints"),
+        ({"target_size": (32.0, 32)}, ValueError, "target_size must be two"),
+        ({"crop": (0, 0)}, TypeError, "takes no crop; its size conditioning is original_size"),
+        ({"denoising_end": 1.0}, ValueError, "denoising_end must be in \\(0, 1\\)"),
+        ({"denoising_end": 0.001}, ValueError, "stops the chain before its first step"),
+    ]:
+        with pytest.raises(error, match=message):
+            sdxl.edit_arrays(pixels, ["a"], steps=2, sampler="euler", **options)
+    sd = EditPipeline.from_pretrained(tiny_folder)
+    with pytest.raises(TypeError, match="takes no original_size: the size conditioning is SDX"):
+        sd.edit(pixels, "a", steps=2, original_size=(32, 32))

@@ -95,7 +95,8 @@ def add_cosxl_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --steps, --sampler, --resolution, --negative-prompt, --seed (edit, grid)."""
+    """--model, --steps, --sampler, --cosxl-edit, --resolution, --negative-prompt,
+    --guidance-rescale, --seed (edit, grid)."""
     add_model_argument(parser)
     add_steps_argument(parser)
     add_sampler_argument(parser)
@@ -108,6 +109,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="default: none (the empty prompt's text; for SDXL zeros, as diffusers)",
     )
+    parser.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="0 to 1: pull the guided prediction towards the text branch's scale, as "
+        "diffusers' guidance_rescale (0, the default, leaves it as it is)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -118,7 +126,7 @@ def fill_model_defaults(args: argparse.Namespace) -> None:
     shipped = args.model is None
     if shipped:
         args.model = shipped_model()
-    defaults = sampling_defaults(shipped)
+    defaults = sampling_defaults(shipped, getattr(args, "cosxl_edit", False))
     for field in dataclasses.fields(defaults):
         if getattr(args, field.name, 0) is None:
             setattr(args, field.name, getattr(defaults, field.name))

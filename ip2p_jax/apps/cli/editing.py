@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ip2p_jax.apps.cli.arguments import (
+    add_cosxl_argument,
     add_model_argument,
     add_precision_arguments,
     add_sampling_arguments,
@@ -29,6 +30,7 @@ def _sampling_options(args: argparse.Namespace) -> dict:
         "sampler": args.sampler,
         "resolution": args.resolution,
         "negative_prompt": args.negative_prompt,
+        "guidance_rescale": args.guidance_rescale,
     }
 
 
@@ -108,6 +110,7 @@ def _app(args: argparse.Namespace) -> int:
         share=args.share,
         resolution=args.resolution,
         steps=args.steps,
+        cosxl_edit=args.cosxl_edit,
         **precision_options(args),
     )
     return 0
@@ -157,6 +160,7 @@ def _add_app_parser(commands) -> None:
     app.add_argument("--share", action="store_true", help="a public gradio.live link")
     app.add_argument("--resolution", type=int, help="long side (default: the model's)")
     app.add_argument("--steps", type=int, help="default steps (default: the model's)")
+    add_cosxl_argument(app)
     add_precision_arguments(app)
     app.set_defaults(run=_app)
 
