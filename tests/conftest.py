@@ -45,6 +45,7 @@ HEAVY_GROUPS = (
     "tests/test_device_check.py",
     "tests/test_datagen/test_ray_pairs.py",
     "tests/parity/test_sdxl.py",
+    "tests/train/test_sdxl_train.py",
     "tests/parity/test_component_parity.py",
     "tests/test_cli.py",
     "tests/train/test_vae.py",

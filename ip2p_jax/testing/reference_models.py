@@ -94,6 +94,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+# SDXL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json), widened
+# to 8 input channels as SDXL InstructPix2Pix: 2.57 B parameters, 10.3 GB in float32.
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 8,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
 SCHEDULER = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -140,6 +159,20 @@ def build_modules(preset: str = "tiny", seed: int = 0, overrides: dict | None = 
         _perturb(module, seed + offset)
         module.eval()
     return modules
+
+
+def build_unet_folder(path: str | Path, config: dict, seed: int = 0) -> Path:
+    """Saves a random-weight diffusers UNet2DConditionModel of ``config`` as ``path``/unet
+    (in 2 GB shards, as the hub's large UNets): a folder for a UNet's parity alone, e.g.
+    the full-size SDXL one (`SDXL_UNET`), without the rest of a pipeline."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**config)
+    _perturb(unet, seed)
+    unet.save_pretrained(str(Path(path) / "unet"), max_shard_size="2GB")
+    return Path(path)
 
 
 def build_components(preset: str = "tiny", seed: int = 0, overrides: dict | None = None):

@@ -65,30 +65,41 @@ def _exported_model_loads_in_diffusers(model: Path, out: Path) -> None:
     assert pipe.unet.config.in_channels == 8 and isinstance(theirs, torch.Tensor)
 
 
-@pytest.mark.parametrize("train_text_encoder", [False, True])
-def test_the_text_encoder_is_trained_only_when_the_config_says(
-    shapes32, tmp_path, train_text_encoder
-):
+def _text_encoder_leaves(folder, config):
     from ip2p_jax.train.models import load_models
     from ip2p_jax.weights.model_folder import load_component
 
+    initial = load_models(config.model, config.seed).text_encoder.params
+    exported = load_component(folder / "model", "text_encoder").params
+    return jax.tree.leaves(initial), jax.tree.leaves(exported)
+
+
+def test_a_frozen_text_encoder_is_exported_untouched(shapes32, three_step_run):
+    from ip2p_jax.train.models import trained_names
+
+    config = micro_config(shapes32, steps=3)  # three_step_run's: the encoder frozen
+    assert trained_names(config.model) == ("unet",)
+    initial, exported = _text_encoder_leaves(three_step_run, config)
+    for a, b in zip(exported, initial, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_text_encoder_is_trained_when_the_config_says(shapes32, tmp_path):
     config = micro_config(shapes32, steps=3)
     config = dataclasses.replace(
-        config, model=dataclasses.replace(config.model, train_text_encoder=train_text_encoder)
+        config, model=dataclasses.replace(config.model, train_text_encoder=True)
     )
     state = train(config, tmp_path)
-    initial = load_models(config.model, config.seed).text_encoder.params
-    exported = load_component(tmp_path / "model", "text_encoder").params
-    assert set(state.params) == ({"unet", "text_encoder"} if train_text_encoder else {"unet"})
-    # The export holds the EMA of what was trained, else the initial encoder untouched.
-    expected = state.ema_params["text_encoder"] if train_text_encoder else initial
-    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(expected), strict=True):
+    assert set(state.params) == {"unet", "text_encoder"}
+    initial, exported = _text_encoder_leaves(tmp_path, config)
+    # The export holds the EMA of what was trained.
+    expected = jax.tree.leaves(state.ema_params["text_encoder"])
+    for a, b in zip(exported, expected, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    changed = [
+    assert any(
         not np.array_equal(np.asarray(a), np.asarray(b))
-        for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(initial), strict=True)
-    ]
-    assert any(changed) == train_text_encoder
+        for a, b in zip(exported, initial, strict=True)
+    )
 
 
 def test_resumed_run_equals_the_straight_run(shapes32, six_step_run, tmp_path):
