@@ -27,7 +27,14 @@ from ip2p_jax.models.tokenizer import CLIPTokenizer
 from ip2p_jax.models.vae import AutoencoderKL
 from ip2p_jax.runtime import memory
 from ip2p_jax.runtime.compilation import jit
-from ip2p_jax.weights.model_folder import load_component
+from ip2p_jax.weights.convert import state_dict_to_params
+from ip2p_jax.weights.model_folder import (
+    COMPONENTS,
+    LoadedComponent,
+    abstract_params,
+    build_module,
+    load_component,
+)
 
 DEFAULT_PROMPTS = (
     "turn the sky into a starry night",
@@ -115,22 +122,11 @@ def _nhwc(x) -> jax.Array:
     return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
 
 
-def compare_unet(
-    folder: Path,
-    resolution: int,
-    batch: int,
-    seed: int,
-    tolerance: float,
-    dtype: str = "float32",
-    device: str = "cpu",
-) -> list[Comparison]:
-    """eps prediction on random latents, timesteps and text states at ``resolution`` px; ours
-    with params and compute in ``dtype``, the reference in float32 on torch's ``device``."""
+def _unet_inputs(cfg, resolution: int, batch: int, seed: int):
+    """Random latents, timesteps, text states (and SDXL's pooled text and time ids) for a
+    UNet of diffusers config ``cfg``, as torch tensors: (args, added_cond_kwargs)."""
     import torch
-    from diffusers import UNet2DConditionModel
 
-    reference = UNet2DConditionModel.from_pretrained(folder / "unet").float().eval().to(device)
-    cfg = reference.config
     side = resolution // 8
     g = torch.Generator().manual_seed(seed)
     sample = torch.randn(batch, cfg.in_channels, side, side, generator=g)
@@ -146,25 +142,82 @@ def compare_unet(
             "text_embeds": torch.randn(batch, pooled, generator=g),
             "time_ids": torch.cat([sizes, crops, sizes], dim=1).float(),
         }
+    return (sample, timesteps, context), added
+
+
+def _reference_unet_output(reference, args, added, device: str) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
-        inputs = (t.to(device) for t in (sample, timesteps, context))
+        inputs = (t.to(device) for t in args)
         kwargs = {"added_cond_kwargs": {k: v.to(device) for k, v in added.items()}} if added else {}
-        expected = _host(reference(*inputs, **kwargs).sample)
-    del reference
-    _release_torch_memory(torch)
-    ours = load_component(folder, "unet", dtype=dtype, compute_dtype=dtype)
+        return _host(reference(*inputs, **kwargs).sample)
+
+
+def _our_unet_output(ours: LoadedComponent, args, added) -> np.ndarray:
     # Placed leaf by leaf, so the host copy goes as it is placed: one copy of the weights at
     # the peak, not two (the full-size SDXL UNet is 10.3 GB in float32).
     memory.move_to_devices(ours, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    apply = jit(ours.module.apply)
-    out = apply(
+    sample, timesteps, context = args
+    out = jit(ours.module.apply)(
         {"params": ours.params},
         _nhwc(sample),
         jnp.asarray(timesteps.numpy()),
         jnp.asarray(context.numpy()),
         **{k: jnp.asarray(v.numpy()) for k, v in added.items()},
     )
-    return [_compare("unet", "sample", _nchw(out), expected, tolerance)]
+    return _nchw(out)
+
+
+def compare_unet(
+    folder: Path,
+    resolution: int,
+    batch: int,
+    seed: int,
+    tolerance: float,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> list[Comparison]:
+    """eps prediction on random latents, timesteps and text states at ``resolution`` px; ours
+    with params and compute in ``dtype``, the reference in float32 on torch's ``device``."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    reference = UNet2DConditionModel.from_pretrained(folder / "unet").float().eval().to(device)
+    args, added = _unet_inputs(reference.config, resolution, batch, seed)
+    expected = _reference_unet_output(reference, args, added, device)
+    del reference
+    _release_torch_memory(torch)
+    ours = load_component(folder, "unet", dtype=dtype, compute_dtype=dtype)
+    return [_compare("unet", "sample", _our_unet_output(ours, args, added), expected, tolerance)]
+
+
+def compare_unet_in_memory(
+    make_reference, resolution: int, batch: int, seed: int, tolerance: float
+) -> Comparison:
+    """`compare_unet` in float32 on a torch UNet that ``make_reference()`` builds, with no
+    folder: after the reference runs, its weights are converted tensor by tensor as it lets
+    go of them (one copy of the weights at the peak, and none written or read back: for a
+    UNet too large to save and load in a test's time, as SDXL's 10 GB)."""
+    import torch
+
+    reference = make_reference().eval()
+    raw = dict(reference.config)
+    args, added = _unet_inputs(reference.config, resolution, batch, seed)
+    expected = _reference_unet_output(reference, args, added, "cpu")
+    state = reference.state_dict()
+    del reference
+    _release_torch_memory(torch)
+    component = COMPONENTS["unet"]
+    config = component.config_class.from_dict(raw, source="the reference's config")
+    params = state_dict_to_params(
+        ((name, state.pop(name).numpy()) for name in list(state)),
+        abstract_params(component, config),
+        source="the reference's state_dict",
+    )
+    ours = LoadedComponent(config, raw, build_module(component, config), params)
+    del params  # the component's is the only reference: placing it frees the host copy
+    return _compare("unet", "sample", _our_unet_output(ours, args, added), expected, tolerance)
 
 
 def compare_vae(

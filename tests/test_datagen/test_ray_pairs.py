@@ -1,7 +1,7 @@
-"""`ip2p datagen pairs --ray` on a local Ray cluster of 2 CPU workers, killed two ways: a worker
-SIGKILLed mid-job (the driver hands its prompt to another worker), and the driver SIGKILLed
-(a rerun finishes the job). Either way the pair folder and the dataset built from it hold
-every prompt's pairs once, byte for byte those of an uninterrupted run in one process."""
+"""`ip2p datagen pairs --ray` on a local Ray cluster of 2 CPU workers, killed two ways in one
+job: a worker SIGKILLed mid-job (the driver hands its prompt to another worker), then the
+driver SIGKILLed (a rerun finishes the job). The pair folder and the dataset built from it
+hold every prompt's pairs once, byte for byte those of an uninterrupted run in one process."""
 
 from __future__ import annotations
 
@@ -137,40 +137,23 @@ def _assert_same_as_reference(out, data, reference):
     assert len(keys) == len(PROMPTS)  # one kept pair each
 
 
-def test_a_killed_worker_s_prompt_is_retried_on_another(
+def test_a_killed_worker_and_a_killed_driver_lose_and_repeat_nothing(
     tmp_path, prompts_file, sd_folder, clip_folder, reference
 ):
-    out = tmp_path / "pairs"
+    """One job, killed twice: a worker mid-job (its prompt goes to another worker, and the
+    lost worker is replaced), then the driver (its workers die with it); a rerun finishes."""
+    out, log = tmp_path / "pairs", tmp_path / "driver.log"
     command = _command(prompts_file, sd_folder, clip_folder, out)
-    dataset = ["--dataset", str(tmp_path / "data")]
-    job = subprocess.Popen(
-        command + dataset, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    with open(log, "w") as sink:
+        job = subprocess.Popen(command, env=_env(), stdout=sink, stderr=subprocess.STDOUT)
     try:
         _wait_for(lambda: len(_done(out)) >= 1, job, "the first prompt was done")
         victims = _workers(job)
         assert len(victims) == 2, victims
         victims[0].send_signal(signal.SIGKILL)
-        output, _ = job.communicate(timeout=300)
-    finally:
-        job.kill()
-    assert job.returncode == 0, output
-    # Its prompt is handed to another worker, or counted done when the kill came between
-    # writing the prompt and reporting it.
-    assert "worker lost on prompt" in output or "worker lost after it wrote" in output, output
-    _assert_same_as_reference(out, tmp_path / "data", reference)
-
-
-def test_a_killed_driver_s_job_is_finished_by_a_rerun(
-    tmp_path, prompts_file, sd_folder, clip_folder, reference
-):
-    out = tmp_path / "pairs"
-    command = _command(prompts_file, sd_folder, clip_folder, out)
-    job = subprocess.Popen(
-        command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        _wait_for(lambda: len(_done(out)) >= 2, job, "two prompts were done")
+        lost = ("worker lost on prompt", "worker lost after it wrote")
+        _wait_for(lambda: any(m in log.read_text() for m in lost), job, "the loss was seen")
+        _wait_for(lambda: len(_done(out)) >= 4, job, "four prompts were done")
         cluster = psutil.Process(job.pid).children(recursive=True)
         workers = _workers(job)
         job.send_signal(signal.SIGKILL)
@@ -185,9 +168,9 @@ def test_a_killed_driver_s_job_is_finished_by_a_rerun(
     for process in cluster:
         if _running(process):
             process.kill()
-    assert len(workers) == 2 and not writing, writing
+    assert workers and not writing, writing
     done = len(_done(out))
-    assert done < len(PROMPTS), "the job ended before the kill"
+    assert done < len(PROMPTS), "the job ended before the driver was killed"
 
     finish = command + ["--dataset", str(tmp_path / "data")]
     rerun = subprocess.run(finish, env=_env(), capture_output=True, text=True, timeout=300)
