@@ -79,8 +79,8 @@ def test_full_size_sd15_components_match(sd15_folder, capsys):
 @pytest.mark.full_size
 def test_full_size_sdxl_unet_matches():
     """SDXL base's UNet architecture (2.57 B parameters, conv_in widened to 8 channels: 10.3 GB
-    in float32) at 256 px, batch 1. The reference runs, then its weights are converted to ours
-    as it lets go of them (peak 12.3 GB). Measured: max abs 2.0e-6 on outputs up to 1.3."""
+    in float32) at 256 px, batch 1, as docs/parity.md's row. The reference runs, then
+    its weights are converted to ours as it lets go of them (peak 12.3 GB)."""
     from ip2p_jax.testing.parity import compare_unet_in_memory
     from ip2p_jax.testing.reference_models import SDXL_UNET, random_unet
 

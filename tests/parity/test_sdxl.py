@@ -78,11 +78,11 @@ def test_an_sdxl_edit_with_every_option_matches(sdxl_folder):
     error = np.abs(ours - expected).max()
     assert error < 1e-4, error  # measured 1.8e-6
     # Leaving an option out moves diffusers' edit by far more than that (on this random
-    # model: original_size 9.8e-3, crops 1.1e-2, target_size 1.3e-2, denoising_end 9.3e-2).
-    for name in ("original_size", "denoising_end"):
-        kept = {k: v for k, v in options.items() if k != name}
-        _, moved = edit_both(sdxl_folder, "euler", image, ["make it snowy"], steps=3, **kept)
-        assert np.abs(moved - expected).max() > 20 * TOLERANCE, name
+    # model: original_size 9.8e-3, crops 1.1e-2, target_size 1.3e-2, denoising_end 9.3e-2;
+    # the one with the least effect is checked here, the others measured once).
+    kept = {k: v for k, v in options.items() if k != "original_size"}
+    _, moved = edit_both(sdxl_folder, "euler", image, ["make it snowy"], steps=3, **kept)
+    assert np.abs(moved - expected).max() > 20 * TOLERANCE
 
 
 def test_the_added_conditioning_is_required(sdxl_folder):
