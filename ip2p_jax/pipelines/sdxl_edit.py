@@ -144,7 +144,9 @@ class SDXLEditPipeline(EditPipeline):
             )
         for name, value in options.items():
             pair = value is None or (
-                len(value) == 2 and all(isinstance(v, int | np.integer) for v in value)
+                isinstance(value, tuple | list)
+                and len(value) == 2
+                and all(isinstance(v, int | np.integer) for v in value)
             )
             if not pair or (value is not None and min(value) < 0):
                 raise ValueError(f"{name} must be two non-negative ints, got {value!r}")

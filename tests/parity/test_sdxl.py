@@ -209,6 +209,7 @@ def test_bad_sdxl_options_are_refused_before_compiling(sdxl_folder, tiny_folder)
     sdxl = SDXLEditPipeline.from_pretrained(sdxl_folder)
     for options, error, message in [
         ({"original_size": (32,)}, ValueError, "original_size must be two non-negative ints"),
+        ({"original_size": 512}, ValueError, "original_size must be two"),
         ({"target_size": (32.0, 32)}, ValueError, "target_size must be two"),
         ({"crop": (0, 0)}, TypeError, "takes no crop; its size conditioning is original_size"),
         ({"denoising_end": 1.0}, ValueError, "denoising_end must be in \\(0, 1\\)"),
