@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import numpy as np
@@ -45,6 +45,9 @@ from ip2p_jax.train.sharding import global_batch
 from ip2p_jax.train.state_checkpoints import Checkpoints
 from ip2p_jax.train.step import Trainer, TrainState, host_metrics, is_finite, make_trainer
 from ip2p_jax.weights.model_folder import LoadedComponent
+
+if TYPE_CHECKING:  # the pipelines import jax programs a training run may never need
+    from ip2p_jax.pipelines.edit import EditPipeline
 
 
 class TrainingDiverged(RuntimeError):
@@ -310,7 +313,7 @@ def validation_grid(
     return save_grid(rows, workdir, step, reporter, "validation/input_edited_target")
 
 
-def edit_pipeline(models: ModelSet, mesh: Mesh):
+def edit_pipeline(models: ModelSet, mesh: Mesh) -> EditPipeline:
     """The editing pipeline of a run's models: SDXL's when they have a second text encoder."""
     from ip2p_jax.pipelines.edit import EditPipeline
     from ip2p_jax.pipelines.sdxl_edit import SDXLEditPipeline
