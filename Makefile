@@ -102,6 +102,12 @@ ship-shapes: setup
 device-check:
 	bash scripts/device_check.sh $(DEVICE_CHECK_ARGS)
 
+# The shapes model trained on the lent GPU (configs/shapes_gpu.py; scripts/device_train_shapes.sh):
+# generate, train, export float16 to $(OUT)/shapes_model, score. DEVICE_TRAIN_ARGS=--cpu: tiny.
+.PHONY: device-train-shapes
+device-train-shapes:
+	bash scripts/device_train_shapes.sh $(DEVICE_TRAIN_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

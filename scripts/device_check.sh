@@ -20,7 +20,6 @@
 # both), e.g. the benchmark again with the time the first call left it short of.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-ROOT=$(pwd)
 
 MODE=gpu
 for arg in "$@"; do
@@ -30,22 +29,10 @@ for arg in "$@"; do
     esac
 done
 
+# shellcheck source=scripts/device_lib.sh
+source scripts/device_lib.sh
 # With $OUT: everything printed also goes to $OUT/device_check.log.
-if [[ -n "${OUT:-}" && -z "${DEVICE_CHECK_LOGGING:-}" ]]; then
-    mkdir -p "$OUT"
-    DEVICE_CHECK_LOGGING=1 bash "$0" "$@" 2>&1 | tee "$OUT/device_check.log"
-    exit "${PIPESTATUS[0]}"
-fi
-
-if [[ -n "${IP2P_PYTHON:-}" ]]; then
-    PY=$IP2P_PYTHON
-elif [[ -x .venv/bin/python ]]; then
-    PY=.venv/bin/python
-else
-    PY=python3
-fi
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+device_start scripts/device_check.sh "$@"
 
 if [[ $MODE == cpu ]]; then
     TOTAL=${DEVICE_CHECK_SECONDS:-600}
@@ -69,30 +56,8 @@ PARTS=${DEVICE_CHECK_PARTS:-tests bench}
 BENCH_FLAGS=()
 [[ $MODE == cpu ]] && BENCH_FLAGS+=(--cpu)
 
-FAILED=()
-# run NAME SECONDS COMMAND...: the command under a time limit; records a failure.
-run() {
-    local name=$1 seconds=$2 began=$SECONDS status
-    shift 2
-    echo "=== $name (at most ${seconds} s)"
-    timeout --kill-after=10 "$seconds" "$@"
-    status=$?
-    if ((status == 124 || status == 137)); then
-        echo "=== $name: stopped at its time limit (${seconds} s)"
-        FAILED+=("$name")
-    elif ((status != 0)); then
-        echo "=== $name: FAILED (exit $status) after $((SECONDS - began)) s"
-        FAILED+=("$name")
-    else
-        echo "=== $name: ok in $((SECONDS - began)) s"
-    fi
-}
-
-if [[ $MODE == gpu ]] && compgen -G ".whl/*.whl" >/dev/null; then
-    SITE=/tmp/ip2p-site
-    run wheels 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --upgrade --target "$SITE" .whl/*.whl
-    export PYTHONPATH="$PYTHONPATH:$SITE"
+if [[ $MODE == gpu ]]; then
+    device_install_wheels
 fi
 
 echo "=== versions ($MODE mode, $PY)"
@@ -125,10 +90,6 @@ EOF
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
 fi
-
-# The time left for the parts still to come (seconds), at least 1.
-left() { local rest=$((TOTAL - SECONDS)); echo $((rest > 1 ? rest : 1)); }
-limit() { local rest; rest=$(left); echo $(($1 < rest ? $1 : rest)); }
 
 run folder "$(limit "$FOLDER_SECONDS")" "$PY" scripts/bench_device.py "${BENCH_FLAGS[@]}" \
     --build-only --folder "$FOLDER"

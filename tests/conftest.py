@@ -5,7 +5,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +46,7 @@ HEAVY_GROUPS = (
     "tests/train/test_config_and_models.py",
     "tests/train/test_grow.py",
     "tests/test_device_check.py",
+    "tests/test_device_train_shapes.py",
     "tests/test_datagen/test_ray_pairs.py",
     "tests/parity/test_sdxl.py",
     "tests/train/test_sdxl_train.py",
@@ -109,3 +113,19 @@ def tiny_sdxl_folder(tmp_path_factory):
 def sd15_folder(tmp_path_factory):
     """The real SD-1.5 architecture with random weights, UNet in_channels 8 (about 4.3 GB)."""
     return _build(tmp_path_factory, "sd15")
+
+
+def run_device_script(script: str, out: Path, *args: str) -> str:
+    """`bash scripts/<script> ARGS` (the lent GPU's commands, e.g. with --cpu) with $OUT set
+    and this interpreter as its Python; asserts it passed and returns what it printed."""
+    process = subprocess.run(
+        ["bash", f"scripts/{script}", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "OUT": str(out), "IP2P_PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    output = process.stdout + process.stderr
+    assert process.returncode == 0, output[-6000:]
+    return output

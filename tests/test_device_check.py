@@ -6,27 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import xml.etree.ElementTree as ElementTree
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_device_script
 
 
 def test_device_check_runs_every_part_on_the_cpu(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "IP2P_PYTHON": sys.executable}
-    process = subprocess.run(
-        ["bash", "scripts/device_check.sh", "--cpu"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    output = process.stdout + process.stderr
-    assert process.returncode == 0, output[-6000:]
+    output = run_device_script("device_check.sh", tmp_path, "--cpu")
     for part in ("folder", "tests", "bench"):
         assert f"=== {part}: ok" in output, output[-6000:]
     assert "device check (cpu): all parts passed" in output

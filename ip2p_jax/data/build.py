@@ -23,9 +23,11 @@ def build_shapes(
     size: int = 64,
     seed: int = 0,
     overwrite: bool = False,
+    workers: int = 1,
 ) -> Path:
     """The shapes world: `num` train examples, and validation (same distribution) and heldout
-    (unseen phrasings and colour/shape combinations) splits, by default num/20 each."""
+    (unseen phrasings and colour/shape combinations) splits, by default num/20 each. With
+    `workers` > 1 that many processes render (the dataset is the same, byte for byte)."""
     from ip2p_jax.worlds import shapes
 
     if num < 1:
@@ -39,7 +41,9 @@ def build_shapes(
         "heldout": side if num_heldout is None else num_heldout,
     }
     splits = {
-        split: shapes.generate_examples(count, split=split, seed=seed, size=size)
+        split: shapes.generate_examples(
+            count, split=split, seed=seed, size=size, workers=workers
+        )
         for split, count in counts.items()
         if count > 0
     }

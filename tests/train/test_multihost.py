@@ -1,13 +1,14 @@
 """`ip2p train` as a pod runs it: 2 JAX processes x 2 CPU devices on localhost (gloo
-collectives), with FSDP groups across both processes (fsdp=4) and inside each (fsdp=2, data
-parallel across them). Both runs take a few steps with checkpoints, get a SIGTERM to one
-process mid-run and are resumed with `--resume`; every model must equal a one-process run's.
-The fsdp=4 run also validates and is exported on one device by `ip2p export-run`; the fsdp=2
-run is resumed on one process."""
+collectives). A run with FSDP groups inside each process (fsdp=2, data parallel across them)
+takes a few steps with checkpoints and gets a SIGTERM to one process mid-run. It is resumed
+with `--resume` twice, each from its own copy: on 2 processes with groups across both
+(fsdp=4), validating, then exported on one device by `ip2p export-run`; and on one process.
+Every model must equal a one-process run's."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -131,17 +132,34 @@ def one_process_model(shapes32, tmp_path_factory) -> dict[str, np.ndarray]:
     return _unet(workdir / "model")
 
 
-def test_fsdp_across_hosts_validates_stops_resumes_and_exports_on_one_device(
-    shapes32, one_process_model, tmp_path
+@pytest.fixture(scope="module")
+def stopped_run(shapes32, tmp_path_factory) -> tuple[Path, int]:
+    """A run on 2 processes with fsdp=2 (a group per process: data parallel across the
+    hosts, each weight split over one host's devices), stopped by a SIGTERM to one process
+    mid-run: its workdir and the step it saved. Each test resumes a copy of it."""
+    folder = tmp_path_factory.mktemp("stopped")
+    workdir = folder / "run"
+    saved = _stop_mid_run(_train_pair(_config_file(folder, shapes32, fsdp=2), workdir), workdir)
+    return workdir, saved
+
+
+def _copy(run: tuple[Path, int], tmp_path: Path) -> tuple[Path, int]:
+    workdir, saved = run
+    shutil.copytree(workdir, tmp_path / "run")
+    return tmp_path / "run", saved
+
+
+def test_fsdp_across_hosts_resumes_validates_and_exports_on_one_device(
+    shapes32, stopped_run, one_process_model, tmp_path
 ):
-    """fsdp=4: each FSDP group spans both processes, so every weight is split over hosts."""
+    """The stopped run resumed on 2 processes with fsdp=4: each FSDP group now spans both
+    processes, so every weight is split over hosts (orbax restores onto the new layout)."""
+    workdir, saved = _copy(stopped_run, tmp_path)
     config = _config_file(tmp_path, shapes32, fsdp=4, validate=True)
-    workdir = tmp_path / "run"
-    _stop_mid_run(_train_pair(config, workdir), workdir)
     finished = _finish(_train_pair(config, workdir, "--resume"))
     assert all(f"finished at step {STEPS}" in out for out in finished)
 
-    # One set of files (process 0's), each step's metrics once, validation at steps 3 and 6.
+    # One set of files (process 0's), each step's metrics once, validation where it was on.
     assert sorted(p.name for p in workdir.iterdir()) == [
         "checkpoints",
         "config.json",
@@ -153,7 +171,7 @@ def test_fsdp_across_hosts_validates_stops_resumes_and_exports_on_one_device(
     assert [row["step"] for row in read_metrics(workdir)] == list(range(1, STEPS + 1))
     assert len(list((workdir / "tensorboard").iterdir())) == 2  # process 0's two starts
     validation = sorted(p.name for p in (workdir / "validation").iterdir())
-    assert validation == ["step_0000003.png", "step_0000006.png"]
+    assert validation == [f"step_{step:07d}.png" for step in (3, 6) if step > saved]
 
     # Any machine reads the run: its last checkpoint exported on one device (this process's).
     from ip2p_jax.train.snapshot import export_run
@@ -163,15 +181,15 @@ def test_fsdp_across_hosts_validates_stops_resumes_and_exports_on_one_device(
         _assert_same_unet(model, one_process_model)
 
 
-def test_fsdp_inside_hosts_stops_and_resumes_on_one_process(shapes32, one_process_model, tmp_path):
-    """fsdp=2 (a group per process: data parallel across the hosts, each weight split over
-    one host's devices), stopped on 2 processes and resumed by 1 process with 2 devices:
-    orbax restores onto the mesh at hand, and the data goes on from the example where the
-    saved run was, so the model is the one-process run's. (Pure data parallelism, fsdp=1,
-    reduces across hosts as this does; its 2-process run is not repeated here.)"""
+def test_a_two_process_run_resumes_on_one_process(
+    shapes32, stopped_run, one_process_model, tmp_path
+):
+    """The stopped run resumed by 1 process with 2 devices: orbax restores onto the mesh at
+    hand, and the data goes on from the example where the saved run was, so the model is
+    the one-process run's. (Pure data parallelism, fsdp=1, reduces across hosts as fsdp=2
+    does; its 2-process run is not repeated here.)"""
+    workdir, _ = _copy(stopped_run, tmp_path)
     config = _config_file(tmp_path, shapes32, fsdp=2)
-    workdir = tmp_path / "run"
-    _stop_mid_run(_train_pair(config, workdir), workdir)
     resumed = _ip2p(
         "train", "--config", str(config), "--workdir", str(workdir), "--resume", devices=2
     )

@@ -34,6 +34,17 @@ def test_generation_is_deterministic_and_index_stable():
         next(S.generate_examples(1, split="test"))
 
 
+def test_worker_processes_render_the_same_examples_in_order(monkeypatch):
+    # Small chunks, so 2 workers split 21 examples (from index 5) into 3 uneven tasks.
+    monkeypatch.setattr(S.generate, "CHUNK", 8)
+    serial = [comparable(e) for e in S.generate_examples(21, split="heldout", seed=4, start=5)]
+    parallel = S.generate_examples(21, split="heldout", seed=4, start=5, workers=2)
+    assert [comparable(e) for e in parallel] == serial
+    assert serial[0]["key"] == "shapes/heldout/0000005"
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        next(S.generate_examples(3, workers=0))
+
+
 def test_examples_follow_the_schema():
     for index, example in enumerate(S.generate_examples(20, split="heldout", seed=3)):
         assert set(example) == set(FIELDS)
