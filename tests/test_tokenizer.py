@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import warnings
 
 import numpy as np
 import pytest
 
-from ip2p_jax.models.tokenizer import BUNDLED_DIR, CLIPTokenizer, clean_text
+from ip2p_jax.models.tokenizer import BUNDLED_DIR, CLIPTokenizer, clean_text, fix_text
 
 # transformers 5's CLIPTokenizer is the `tokenizers` (Rust) implementation: its normalizer is only
 # NFC + whitespace collapse + lowercase, with no ftfy and no HTML unescape. So on strings that
@@ -60,6 +61,26 @@ def _hf_ids(hf, text: str) -> list[int]:
 def _hf_padded(hf, texts: list[str]) -> np.ndarray:
     out = hf(texts, padding="max_length", truncation=True, max_length=77, return_tensors="np")
     return out["input_ids"]
+
+
+def test_fix_text_skips_ftfy_only_where_ftfy_changes_nothing() -> None:
+    import ftfy
+
+    rng = random.Random(0)
+    printable = [chr(code) for code in range(32, 127) if chr(code) != "&"]
+    lines = ["".join(rng.choices(printable, k=rng.randint(0, 40))) for _ in range(20000)]
+    # and lines ftfy does change, which must still reach it
+    lines += [
+        "caf\u00c3\u00a9",
+        "\u201cquoted\u201d",
+        "a &amp; b",
+        "tab\there",
+        "\ufb01ne",
+        "x\x00y",
+    ]
+    for line in lines:
+        assert fix_text(line) == ftfy.fix_text(line), repr(line)
+    assert fix_text("caf\u00c3\u00a9") == "caf\u00e9"
 
 
 def test_bundled_vocab_and_specials(tok: CLIPTokenizer) -> None:

@@ -41,9 +41,7 @@ def build_shapes(
         "heldout": side if num_heldout is None else num_heldout,
     }
     splits = {
-        split: shapes.generate_examples(
-            count, split=split, seed=seed, size=size, workers=workers
-        )
+        split: shapes.generate_examples(count, split=split, seed=seed, size=size, workers=workers)
         for split, count in counts.items()
         if count > 0
     }

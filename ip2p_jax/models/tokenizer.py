@@ -54,9 +54,18 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
+def fix_text(text: str) -> str:
+    """``ftfy.fix_text``, which leaves a line of printable ASCII without '&' (no mojibake,
+    curly quotes, ligatures, control characters or HTML entities) as it is: such a line skips
+    it, and its ~50 us, most of the time tokenizing a training example took."""
+    if text.isascii() and text.isprintable() and "&" not in text:
+        return text
+    return ftfy.fix_text(text)
+
+
 def clean_text(text: str) -> str:
     """OpenAI's cleanup: ftfy fix, HTML unescape (twice), collapsed whitespace, lower case."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = html.unescape(html.unescape(fix_text(text))).strip()
     return " ".join(text.split()).lower()
 
 

@@ -48,6 +48,9 @@ class DataConfig:
     max_resize: int = 0
     flip_prob: float = 0.5
     workers: int = 2
+    # Threads reading ahead in each loading process (data.InputConfig.read_threads): none for
+    # local files, whose reads are quick; some (grain's default is 16) for remote storage.
+    read_threads: int = 0
     # Encode the split once with the frozen VAE (into workdir/latents) and train on that:
     # no augmentation then, and about half the step time saved on small models.
     cache_latents: bool = False

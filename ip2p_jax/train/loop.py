@@ -106,6 +106,7 @@ def make_loader(config: Any, tokenizer: Tokenizer | None, source: Any) -> EditPa
         augmentation=augmentation,
         seed=config.seed,
         worker_count=data.workers,
+        read_threads=data.read_threads,
         word_dropout=data.word_dropout,
     )
     return EditPairLoader(source, input_config, tokenizer=tokenizer)

@@ -214,6 +214,17 @@ def test_worker_processes_give_the_same_batches(pairs_dataset):
         assert np.array_equal(a["input_image"], b["input_image"])
 
 
+def test_read_ahead_threads_give_the_same_batches(pairs_dataset):
+    # grain's reading threads (for remote storage) change the speed, not the batches
+    plain = list(itertools.islice(iter(_loader(pairs_dataset)), 3))
+    threaded = list(itertools.islice(iter(_loader(pairs_dataset, read_threads=3)), 3))
+    for a, b in zip(plain, threaded, strict=True):
+        assert a["key"].tolist() == b["key"].tolist()
+        assert np.array_equal(a["edited_image"], b["edited_image"])
+    with pytest.raises(ValueError, match="read_threads must be 0 or more"):
+        InputConfig(batch_size=2, read_threads=-1)
+
+
 def test_augmentation_rejects_impossible_sizes():
     with pytest.raises(ValueError, match="crop <= min_resize"):
         Augmentation(crop=64, min_resize=32, max_resize=32)
