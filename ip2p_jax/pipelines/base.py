@@ -31,6 +31,7 @@ from ip2p_jax.runtime import memory
 from ip2p_jax.runtime.compilation import enable_compilation_cache, jit
 from ip2p_jax.runtime.mesh import data_mesh
 from ip2p_jax.runtime.profile import current_profile
+from ip2p_jax.weights.lora import LoraError, merge_lora, read_lora
 from ip2p_jax.weights.model_folder import LoadedComponent, load_component, resolve_model
 
 
@@ -165,6 +166,7 @@ class LatentPipeline:
         )
         self.tokenizer, self.schedule = tokenizer, schedule
         self._progress = StepProgress()
+        self._before_lora: dict[str, dict] = {}  # each component's params before load_lora
 
     @staticmethod
     def check_components(unet: LoadedComponent, vae: LoadedComponent) -> None:
@@ -234,6 +236,32 @@ class LatentPipeline:
             NoiseSchedule.from_folder(folder),
             mesh,
         )
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> None:
+        """Merges the LoRA file at ``path`` into the weights, each adapter's update times
+        ``scale``, as diffusers' ``load_lora_weights`` then ``fuse_lora(lora_scale=scale)``
+        do. The layouts diffusers reads for SD-1.x are read (its own, PEFT's, kohya's; see
+        weights.lora). Every adapter is checked against the model before any weight changes;
+        a second call merges another LoRA on top, and :meth:`unload_lora` gives back the
+        weights from before the first. The programs do not recompile."""
+        adapters = read_lora(path)
+        merged = {}
+        for name in dict.fromkeys(adapter.component for adapter in adapters):
+            component = getattr(self, name, None)
+            if component is None:
+                raise LoraError(f"{path} adapts {name}, which this pipeline does not have")
+            own = [adapter for adapter in adapters if adapter.component == name]
+            merged[name] = merge_lora(component.params, own, scale, source=str(path))
+        for name, params in merged.items():
+            component = getattr(self, name)
+            self._before_lora.setdefault(name, component.params)
+            setattr(self, name, dataclasses.replace(component, params=params))
+
+    def unload_lora(self) -> None:
+        """The weights from before the first :meth:`load_lora` (no-op without one)."""
+        for name, params in self._before_lora.items():
+            setattr(self, name, dataclasses.replace(getattr(self, name), params=params))
+        self._before_lora = {}
 
     def use_attention(self, kernel: str) -> None:
         """Runs every model's attention with the kernel named ``kernel``

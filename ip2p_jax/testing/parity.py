@@ -324,13 +324,18 @@ def edit_both(
     negative_prompt: str | None = None,
     cosxl_edit: bool = False,
     guidance_rescale: float = 0.0,
+    lora: Path | None = None,
+    lora_scale: float = 1.0,
+    fuse_lora: bool = False,
     **sdxl_options,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The same edit by diffusers' StableDiffusionInstructPix2PixPipeline (float32) and by
     ours (computing in ``dtype``): identical initial latents and per-step noise (diffusers
     draws it from its generator in turn; a twin generator with the same seed hands our
     sampler the same numbers). ``sdxl_options`` (denoising_end, original_size,
-    crops_coords_top_left, target_size) go to both pipelines under diffusers' names.
+    crops_coords_top_left, target_size) go to both pipelines under diffusers' names. With
+    ``lora`` both load that LoRA file at ``lora_scale`` (diffusers: ``load_lora_weights``,
+    then ``fuse_lora`` or the scale in ``cross_attention_kwargs``).
     Returns (ours, diffusers') images [B, H, W, 3] in [0, 1]."""
     import diffusers
     import torch
@@ -351,6 +356,13 @@ def edit_both(
     size = {"height": image.height, "width": image.width} if sdxl else {}
     scheduler_class = getattr(diffusers, PIPELINE_SCHEDULERS[sampler])
     reference.scheduler = scheduler_class.from_config(reference.scheduler.config)
+    lora_options = {}
+    if lora is not None:
+        reference.load_lora_weights(lora)
+        if fuse_lora:
+            reference.fuse_lora(lora_scale=lora_scale)
+        else:
+            lora_options = {"cross_attention_kwargs": {"scale": lora_scale}}
     factor = 2 ** (len(reference.vae.config.block_out_channels) - 1)
     batch = len(instructions)
     shape = (
@@ -375,11 +387,14 @@ def edit_both(
             negative_prompt=None if negative_prompt is None else [negative_prompt] * batch,
             **size,
             **({"guidance_rescale": guidance_rescale} if guidance_rescale else {}),
+            **lora_options,
             **sdxl_options,
         ).images
     del reference
     gc.collect()
     ours = load_edit_pipeline(folder, dtype=dtype, cosxl_edit=cosxl_edit)
+    if lora is not None:
+        ours.load_lora(lora, scale=lora_scale)
     pixels = np.stack([np.asarray(image, np.float32) / 127.5 - 1] * batch)
     edited = ours.edit_arrays(
         pixels,

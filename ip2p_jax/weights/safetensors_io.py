@@ -35,12 +35,8 @@ class WeightsError(ValueError):
     """A weight file is missing, unreadable or truncated."""
 
 
-def read_header(path: Path) -> tuple[dict[str, dict], int]:
-    """The safetensors header (name -> dtype, shape, offsets) and where the data starts.
-
-    Checks the file is long enough for every tensor, so a truncated download fails here,
-    by name, rather than halfway through a conversion.
-    """
+def _raw_header(path: Path) -> tuple[dict, int]:
+    """The header JSON as stored (``__metadata__`` included) and its length in bytes."""
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
@@ -49,12 +45,27 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
             (length,) = struct.unpack("<Q", handle.read(8))
             if length > size - 8:
                 raise ValueError(f"header length {length} exceeds the file size {size}")
-            header = json.loads(handle.read(length))
+            return json.loads(handle.read(length)), length
     except (OSError, ValueError, struct.error, UnicodeDecodeError) as err:
         raise WeightsError(
             f"{path}: not a readable safetensors file ({err}); is the download truncated?"
         ) from err
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The file's ``__metadata__`` (string to string; empty when it has none)."""
+    return dict(_raw_header(path)[0].get("__metadata__") or {})
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The safetensors header (name -> dtype, shape, offsets) and where the data starts.
+
+    Checks the file is long enough for every tensor, so a truncated download fails here,
+    by name, rather than halfway through a conversion.
+    """
+    header, length = _raw_header(path)
     header.pop("__metadata__", None)
+    size = path.stat().st_size
     data_start = 8 + length
     needed = max((info["data_offsets"][1] for info in header.values()), default=0)
     if data_start + needed > size:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from ip2p_jax.apps.shipped import (
     REFERENCE_SAMPLING,
@@ -96,7 +97,7 @@ def add_cosxl_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --sampler, --cosxl-edit, --resolution, --negative-prompt,
-    --guidance-rescale, --seed (edit, grid)."""
+    --guidance-rescale, --seed, --lora, --lora-scale (edit, grid)."""
     add_model_argument(parser)
     add_steps_argument(parser)
     add_sampler_argument(parser)
@@ -117,6 +118,15 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "diffusers' guidance_rescale (0, the default, leaves it as it is)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lora",
+        type=Path,
+        help="a LoRA .safetensors file (diffusers', PEFT's or kohya's layout) merged into the "
+        "model's weights",
+    )
+    parser.add_argument(
+        "--lora-scale", type=float, default=1.0, help="the LoRA's weight (diffusers' lora_scale)"
+    )
 
 
 def fill_model_defaults(args: argparse.Namespace) -> None:

@@ -34,9 +34,18 @@ def _sampling_options(args: argparse.Namespace) -> dict:
     }
 
 
+def _load_pipeline(args: argparse.Namespace):
+    """The model's edit pipeline, with --lora merged at --lora-scale."""
+    from ip2p_jax.pipelines.auto import load_edit_pipeline
+
+    pipe = load_edit_pipeline(args.model, cosxl_edit=args.cosxl_edit, **precision_options(args))
+    if args.lora is not None:
+        pipe.load_lora(args.lora, scale=args.lora_scale)
+    return pipe
+
+
 def _edit(args: argparse.Namespace) -> int:
     from ip2p_jax.apps.manifest import EditJob, read_manifest, run_jobs
-    from ip2p_jax.pipelines.auto import load_edit_pipeline
 
     if (args.manifest is None) == (args.image is None):
         raise ValueError("give either --image with --instruction and --out, or --manifest")
@@ -64,7 +73,7 @@ def _edit(args: argparse.Namespace) -> int:
                 args.image_scale,
             )
         ]
-    pipe = load_edit_pipeline(args.model, cosxl_edit=args.cosxl_edit, **precision_options(args))
+    pipe = _load_pipeline(args)
     edited, skipped = run_jobs(
         pipe,
         jobs,
@@ -79,12 +88,11 @@ def _edit(args: argparse.Namespace) -> int:
 
 def _grid(args: argparse.Namespace) -> int:
     from ip2p_jax.apps.grid import scale_grid
-    from ip2p_jax.pipelines.auto import load_edit_pipeline
     from ip2p_jax.pipelines.images import load_image
 
     image = load_image(args.image)
     fill_model_defaults(args)
-    pipe = load_edit_pipeline(args.model, cosxl_edit=args.cosxl_edit, **precision_options(args))
+    pipe = _load_pipeline(args)
     sheet = scale_grid(
         pipe,
         image,
