@@ -9,7 +9,8 @@
 # 3. trains configs/shapes_gpu.py on them (latents encoded once on the GPU) for at most
 #    TRAIN_SECONDS: at that limit the run gets a SIGTERM, saves the step it is at and stops,
 #    so a run cut short still ships (the config also checkpoints about every minute);
-# 4. exports the last checkpoint's EMA weights as a float16 diffusers folder, $OUT/shapes_model;
+# 4. exports the EMA weights (a cut-off run's from its last checkpoint) as a float16 diffusers
+#    folder, $OUT/shapes_model;
 # 5. scores it with `ip2p eval shapes` on EVAL_NUM validation and EVAL_NUM held-out edits, at
 #    the shipped model's sampling settings (20 Euler-ancestral steps, s_T 3, s_I 1.5), and
 #    prints both tables.
@@ -107,9 +108,13 @@ for file in metrics.jsonl config.json; do
     [[ -f $RUN/$file ]] && cp "$RUN/$file" "$RESULTS/"
 done
 
-# The last saved step's EMA weights, whether the run finished or was cut off.
-run export "$(limit 60)" "${IP2P[@]}" export-run "$RUN" "$WORK/checkpoint"
-run export-float16 "$(limit 60)" "${IP2P[@]}" export "$WORK/checkpoint" \
+# The EMA weights: the finished run's own export, or a cut-off run's last saved step.
+CHECKPOINT=$RUN/model
+if [[ ! -d $CHECKPOINT ]]; then
+    CHECKPOINT=$WORK/checkpoint
+    run export "$(limit 60)" "${IP2P[@]}" export-run "$RUN" "$CHECKPOINT"
+fi
+run export-float16 "$(limit 60)" "${IP2P[@]}" export "$CHECKPOINT" \
     "$RESULTS/shapes_model" --dtype float16 --overwrite
 [[ -d $RESULTS/shapes_model ]] && echo "model folder: $(du -sh "$RESULTS/shapes_model" | cut -f1)"
 

@@ -46,7 +46,7 @@ def test_the_recipe_model_fits_the_shipped_size():
 
 def test_device_train_shapes_runs_every_part_on_the_cpu(tmp_path):
     output = run_device_script("device_train_shapes.sh", tmp_path, "--cpu")
-    for part in ("data", "export", "export-float16", "eval-validation", "eval-heldout"):
+    for part in ("data", "export-float16", "eval-validation", "eval-heldout"):
         assert f"=== {part}: ok" in output, output[-6000:]
     assert "=== train: ok" in output and "(step 3)" in output, output[-6000:]
     assert "shapes training (cpu): trained 3 steps, scored, all parts passed" in output
