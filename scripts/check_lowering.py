@@ -61,7 +61,7 @@ from ip2p_jax.runtime.profile import profile_for  # noqa: E402
 from ip2p_jax.testing.reference_models import PRESETS  # noqa: E402
 from ip2p_jax.train.config import ModelConfig, TrainConfig  # noqa: E402
 from ip2p_jax.train.models import ModelSet  # noqa: E402
-from ip2p_jax.train.step import abstract_trainer  # noqa: E402
+from ip2p_jax.train.step import abstract_trainer, profile_runtime  # noqa: E402
 from ip2p_jax.weights.model_folder import (  # noqa: E402
     abstract_component,
 )
@@ -256,17 +256,14 @@ def lower_train_step(
         tokenizer=CLIPTokenizer.bundled(),
         schedule=NoiseSchedule.from_dict(SD_SCHEDULER_CONFIG),
     )
-    runtime = dict(
-        conv_patches_max_rows=profile.conv_patches_max_rows,
-        attention_kernel=kernel,
-        optimizer_update=profile.optimizer_update,
-        unroll_grad_accum=profile.unroll_grad_accum,
-        compiler_options={},
-    )
     config = TrainConfig(
-        model=ModelConfig(), batch_size=batch, compute_dtype=dtype, steps=10, fsdp=fsdp
+        model=ModelConfig(),
+        batch_size=batch,
+        compute_dtype=dtype,
+        steps=10,
+        fsdp=fsdp,
+        runtime=profile_runtime(profile),
     )
-    config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, **runtime))
     mesh = make_mesh(fsdp)
     trainer = abstract_trainer(config, models, mesh)
     state = trainer.abstract_state()

@@ -92,10 +92,12 @@ timeout --foreground --kill-after=60 "$train_limit" "${IP2P[@]}" train \
     --config configs/shapes_gpu.py --workdir "$RUN" --config.data.path="$WORK/data" \
     "${TRAIN_ARGS[@]}"
 status=$?
+# The last logged step (0 when the run logged none, or left no metrics.jsonl).
 steps=$("$PY" -c "
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])] if len(sys.argv) > 1 else []
-print(rows[-1]['step'] if rows else 0)" "$RUN/metrics.jsonl" 2>/dev/null || echo 0)
+import sys
+from ip2p_jax.train.reporting import read_metrics
+rows = read_metrics(sys.argv[1])
+print(rows[-1]['step'] if rows else 0)" "$RUN" 2>/dev/null || echo 0)
 if ((status == 0)); then
     echo "=== train: ok in $((SECONDS - began)) s (step $steps)"
 elif ((status == 124)); then

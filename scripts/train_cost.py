@@ -33,7 +33,7 @@ from ip2p_jax.runtime.mesh import make_mesh  # noqa: E402
 from ip2p_jax.runtime.profile import profile_for  # noqa: E402
 from ip2p_jax.train.config import TrainConfig, load_config  # noqa: E402
 from ip2p_jax.train.models import ModelSet, trained_names  # noqa: E402
-from ip2p_jax.train.step import abstract_trainer  # noqa: E402
+from ip2p_jax.train.step import abstract_trainer, profile_runtime  # noqa: E402
 from ip2p_jax.weights.model_folder import abstract_component, resolve_model  # noqa: E402
 
 # Dense bfloat16 peak FLOP/s of the accelerators this project is lent or aimed at (vendor
@@ -82,15 +82,9 @@ def batch_spec(config: TrainConfig, models: ModelSet) -> dict:
 
 def step_flops(config: TrainConfig, platform: str) -> tuple[float, int]:
     """(FLOPs of one optimizer step, trained parameters) of ``config`` on one device."""
-    profile = profile_for(PROFILE_OF[platform])
-    runtime = dict(
-        conv_patches_max_rows=profile.conv_patches_max_rows,
-        attention_kernel="dot_product",  # the same FLOPs as a fused kernel, lowers anywhere
-        optimizer_update=profile.optimizer_update,
-        unroll_grad_accum=profile.unroll_grad_accum,
-        compiler_options={},
-    )
-    config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, **runtime))
+    # XLA's attention: the same FLOPs as a fused kernel, and it lowers anywhere
+    profile = profile_for(PROFILE_OF[platform], attention_kernel="dot_product")
+    config = dataclasses.replace(config, runtime=profile_runtime(profile))
     models = abstract_models(config, platform)
     trainer = abstract_trainer(config, models, make_mesh(1, devices=jax.devices()[:1]))
     state = trainer.abstract_state()

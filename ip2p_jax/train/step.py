@@ -165,6 +165,19 @@ def training_profile(runtime: RuntimeConfig) -> BackendProfile:
     return current_profile(**dataclasses.asdict(runtime))
 
 
+def profile_runtime(profile: BackendProfile) -> RuntimeConfig:
+    """The `runtime` overrides under which a run on any backend trains as ``profile`` says
+    (no XLA options: those are the running backend's): for lowering a step for another
+    platform, e.g. a TPU's on this CPU."""
+    return RuntimeConfig(
+        compiler_options={},
+        conv_patches_max_rows=profile.conv_patches_max_rows,
+        optimizer_update=profile.optimizer_update,
+        unroll_grad_accum=profile.unroll_grad_accum,
+        attention_kernel=profile.attention_kernel,
+    )
+
+
 def _prepared_models(
     config: TrainConfig, models: ModelSet, mesh: Mesh
 ) -> tuple[ModelSet, BackendProfile]:

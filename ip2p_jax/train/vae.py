@@ -191,7 +191,7 @@ class VAETrainer:
         key = jax.random.key(self.config.seed)
         chunk = 2 * self.config.batch_size
         parts = [
-            jax.device_get(self.autoencode_fn(params, images[i : i + chunk], key))
+            host_copy(self.autoencode_fn(params, images[i : i + chunk], key))
             for i in range(0, len(images), chunk)
         ]
         return tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))

@@ -204,14 +204,13 @@ def _underscored(module: str) -> str:
 
 def _param_path(adapter: Adapter, flat: Mapping, by_underscores: Mapping, source: str) -> tuple:
     module = modernize_key(adapter.module + ".weight")[: -len(".weight")]
-    path = None
-    if "." in module:
+    if "." not in module:  # kohya: the dotted name written with underscores
+        path = by_underscores.get(module.removeprefix("text_model_"))
+    else:
         try:
             path = flax_path(module + ".weight", adapter.down.ndim)
         except ConversionError:
             path = None
-    else:  # kohya: the dotted name written with underscores (a text encoder's text_model_)
-        path = by_underscores.get(module.removeprefix("text_model_"))
     if path is None or path not in flat:
         raise LoraError(
             f"{source}: the LoRA adapts {adapter.component} module {adapter.module}, which "
