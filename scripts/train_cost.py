@@ -93,11 +93,7 @@ def step_flops(config: TrainConfig, platform: str) -> tuple[float, int]:
         lowering_platforms=(platform,)
     )
     flops = float(lowered.cost_analysis()["flops"])
-    trained = sum(
-        math.prod(leaf.shape)
-        for name in trained_names(config.model)
-        for leaf in jax.tree.leaves(getattr(models, name).params)
-    )
+    trained = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state.params))
     return flops, trained
 
 
@@ -114,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     flops, trained = step_flops(config, args.platform)
     examples = config.batch_size * config.steps
     print(f"{args.config}: batch {config.batch_size}, {config.steps} steps, {examples:,} examples")
-    print(f"trained parameters: {trained / 1e6:.2f} M ({', '.join(trained_names(config.model))})")
+    kind = "LoRA adapters of " if config.lora.rank else ""
+    print(f"trained parameters: {trained / 1e6:.2f} M ({kind}{', '.join(trained_names(config))})")
     print(
         f"one step ({args.platform}): {flops / 1e12:.3f} TFLOP, "
         f"{flops / config.batch_size / 1e9:.2f} GFLOP per example; "

@@ -88,6 +88,21 @@ class DropoutConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (train.lora) in place of full fine-tuning: `rank` > 0 trains only
+    them, on the frozen model, and checkpoints hold only them. Targets are PyTorch module
+    names as PEFT's target_modules matches them (a name or its last parts), comma-separated:
+    the default is the attention projections of diffusers' LoRA scripts; feed-forwards are
+    "ff.net.0.proj,ff.net.2", ResNet convolutions "conv1,conv2"."""
+
+    rank: int = 0  # 0: no LoRA, the trained weights are trained whole
+    alpha: float = 0.0  # the update's scale is alpha / rank; 0: the rank (a scale of 1)
+    targets: str = "to_q,to_k,to_v,to_out.0"  # UNet modules
+    # Text encoder modules adapted too (e.g. "q_proj,k_proj,v_proj,out_proj"); "" none.
+    text_encoder_targets: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     """Overrides of the backend profile (ip2p_jax.runtime.profile, where each choice is
     explained); None keeps the running backend's choice. E.g.
@@ -114,6 +129,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     dropout: DropoutConfig = dataclasses.field(default_factory=DropoutConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     batch_size: int = 64  # global, per optimizer step: per-device x devices x grad_accum
     grad_accum: int = 1
     steps: int = 1000

@@ -265,8 +265,9 @@ def unet_train_source(trainer: Trainer, workdir: Path) -> EditPairSource | Laten
 
 def trained_models(trainer: Trainer, state: TrainState) -> ModelSet:
     """The trainer's models on this host, each trained one with the EMA weights (the ones to
-    sample with), or the raw ones when the run keeps no EMA. *Collective*."""
-    params = trained_params(state)
+    sample with), or the raw ones when the run keeps no EMA; a LoRA run's with its adapters
+    merged. *Collective*."""
+    params = trainer.model_weights(trained_params(state))
     frozen = {  # on the devices already, unless they span other processes' too
         name: dataclasses.replace(component, params=addressable(component.params))
         for name in ("vae", "text_encoder", "text_encoder_2")
@@ -334,8 +335,9 @@ def edit_pipeline(models: ModelSet, mesh: Mesh) -> EditPipeline:
 
 def export_model(trainer: Trainer, state: TrainState, destination: Path) -> Path:
     """Our checkpoint folder with the EMA weights of what the run trained and the frozen
-    parts: `ip2p edit --model` and `ip2p export` (to diffusers) take it. Every process
-    gathers the weights; process 0 writes."""
+    parts: `ip2p edit --model` and `ip2p export` (to diffusers) take it. A LoRA run's has
+    the adapters merged, and the adapters alone in its lora/ folder (:func:`export_lora`).
+    Every process gathers the weights; process 0 writes."""
     from ip2p_jax.weights.model_folder import write_checkpoint
 
     models = trained_models(trainer, state)
@@ -346,7 +348,7 @@ def export_model(trainer: Trainer, state: TrainState, destination: Path) -> Path
     }
     if models.text_encoder_2 is not None:
         components["text_encoder_2"] = models.text_encoder_2
-    return written_by_primary(
+    written_by_primary(
         destination,
         lambda: write_checkpoint(
             destination,
@@ -355,6 +357,29 @@ def export_model(trainer: Trainer, state: TrainState, destination: Path) -> Path
             models.schedule,
             tokenizer_2=models.tokenizer_2,
         ),
+    )
+    if trainer.adapters is not None:  # into the finished folder (write_checkpoint replaces it)
+        export_lora(trainer, state, destination / LORA_FOLDER / LORA_FILE)
+    return destination
+
+
+LORA_FOLDER = "lora"  # in a LoRA run's model folder
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+
+
+def export_lora(trainer: Trainer, state: TrainState, destination: Path) -> Path:
+    """A LoRA run's adapters (the EMA ones when it keeps an EMA) as a safetensors file in
+    PEFT's layout, which diffusers' ``load_lora_weights`` and ``EditPipeline.load_lora``
+    read (weights.lora.write_lora). *Collective*: every process gathers; process 0 writes."""
+    from ip2p_jax.train.lora import alpha
+    from ip2p_jax.weights.lora import write_lora
+
+    if trainer.adapters is None:
+        raise ValueError("this run trains whole weights, not LoRA adapters (lora.rank is 0)")
+    adapters = host_copy(trained_params(state))
+    lora = trainer.config.lora
+    return written_by_primary(
+        destination, lambda: write_lora(destination, adapters, rank=lora.rank, alpha=alpha(lora))
     )
 
 

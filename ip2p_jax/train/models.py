@@ -11,8 +11,9 @@ import jax
 from ip2p_jax.diffusion.schedules import SD_SCHEDULER_CONFIG, NoiseSchedule
 from ip2p_jax.models.tokenizer import CLIPTokenizer
 from ip2p_jax.runtime.memory import move_to_devices
-from ip2p_jax.train.config import ModelConfig
+from ip2p_jax.train.config import ModelConfig, TrainConfig
 from ip2p_jax.train.grow import add_cross_attention
+from ip2p_jax.train.lora import component_targets
 from ip2p_jax.weights.model_folder import (
     LoadedComponent,
     init_component,
@@ -35,9 +36,12 @@ class ModelSet:
     tokenizer_2: CLIPTokenizer | None = None
 
 
-def trained_names(config: ModelConfig) -> tuple[str, ...]:
-    """The components a run trains, in the order of the train state's params."""
-    return ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
+def trained_names(config: TrainConfig) -> tuple[str, ...]:
+    """The components a run trains (whole, or their LoRA adapters when `config.lora.rank`
+    is set), in the order of the train state's params."""
+    if config.lora.rank:
+        return tuple(component_targets(config.lora))
+    return ("unet", "text_encoder") if config.model.train_text_encoder else ("unet",)
 
 
 def load_models(config: ModelConfig, seed: int = 0) -> ModelSet:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ip2p_jax.runtime.mesh import fsdp_at_hand, make_mesh
 from ip2p_jax.train.config import TrainConfig
-from ip2p_jax.train.loop import Task, unet_task
+from ip2p_jax.train.loop import LORA_FILE, Task, export_lora, unet_task
 from ip2p_jax.train.state_checkpoints import Checkpoints
 
 
@@ -53,15 +53,11 @@ def config_from_dict(config_class: type, fields: dict[str, Any]) -> Any:
     return config_class(**values)
 
 
-def export_run(
-    workdir: str | os.PathLike,
-    destination: str | os.PathLike,
-    *,
-    step: int | None = None,
-    raw_weights: bool = False,
-) -> Path:
-    """Writes the model of `workdir`'s checkpoint `step` (default: the latest) to
-    `destination` (our checkpoint layout, as the run's own export); returns it."""
+def restore_run(
+    workdir: str | os.PathLike, *, step: int | None = None, raw_weights: bool = False
+) -> tuple[Task, Any, Any]:
+    """(task, trainer, state) of `workdir`'s checkpoint `step` (default: the latest), on this
+    machine's devices; `raw_weights` drops the EMA, so the optimizer's weights are used."""
     task = run_task(workdir)
     checkpoints = Checkpoints(workdir, keep=None, async_save=False)
     try:
@@ -78,4 +74,43 @@ def export_run(
         checkpoints.close()
     if raw_weights:
         state = state.replace(ema_params=None)
+    return task, trainer, state
+
+
+def export_run(
+    workdir: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    step: int | None = None,
+    raw_weights: bool = False,
+) -> Path:
+    """Writes the model of `workdir`'s checkpoint `step` (default: the latest) to
+    `destination` (our checkpoint layout, as the run's own export); returns it."""
+    task, trainer, state = restore_run(workdir, step=step, raw_weights=raw_weights)
     return task.export(trainer, state, Path(destination))
+
+
+def export_run_lora(
+    workdir: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    step: int | None = None,
+    raw_weights: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Writes the LoRA adapters of `workdir`'s checkpoint `step` (a run with lora.rank set)
+    to the safetensors file `destination`, or to `destination`/pytorch_lora_weights.safetensors
+    when it names a folder, in PEFT's layout (train.loop.export_lora); returns the file."""
+    task = run_task(workdir)
+    if not getattr(task.config, "lora", None) or not task.config.lora.rank:
+        raise ValueError(
+            f"{workdir} trained whole weights (its config.json has no lora.rank): it has no "
+            "LoRA adapters to export; `ip2p export-run` writes its model"
+        )
+    destination = Path(destination)
+    if destination.suffix != ".safetensors":
+        destination = destination / LORA_FILE
+    if destination.exists() and not overwrite:
+        raise FileExistsError(f"{destination} exists; pass --overwrite to replace it")
+    _, trainer, state = restore_run(workdir, step=step, raw_weights=raw_weights)
+    return export_lora(trainer, state, destination)

@@ -38,6 +38,13 @@ from ip2p_jax.train.conditioning import (
 )
 from ip2p_jax.train.config import IMAGE_CONDITIONS, RuntimeConfig, TrainConfig
 from ip2p_jax.train.latent_cache import check_cacheable, encode_images
+from ip2p_jax.train.lora import (
+    component_targets,
+    init_adapters,
+    lora_scale,
+    merge_adapters,
+    target_paths,
+)
 from ip2p_jax.train.loss import diffusion_loss
 from ip2p_jax.train.models import (
     ModelSet,
@@ -62,7 +69,9 @@ class TrainState:
     """Everything that changes during training (and goes into a checkpoint)."""
 
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Any  # {"unet": ..., ["text_encoder": ...]}: the trained ones, fp32 master weights
+    # {"unet": ..., ["text_encoder": ...]}: the trained weights (fp32 masters), or their LoRA
+    # adapters (train.lora) in a LoRA run
+    params: Any
     opt_state: Any
     ema_params: Any  # None when ema_decay == 0
     rng: jax.Array  # uint32[2] (raw key data, so checkpoints hold plain arrays)
@@ -78,7 +87,10 @@ class Trainer:
     optimizer: optax.GradientTransformation
     frozen: dict  # vae (and frozen text) params, null text or its ids, alphas_cumprod
     profile: BackendProfile  # the backend's choices, with the config's runtime overrides
+    # A LoRA run's fresh adapters (host arrays), whose frozen base weights are frozen["base"]
+    adapters: dict | None = None
     state_shardings: Any = None
+    merge_fn: Callable | None = None
     step_fn: Callable | None = None
 
     def _fresh_state(self, params) -> TrainState:
@@ -91,12 +103,19 @@ class Trainer:
         )
 
     def _trained(self) -> dict[str, LoadedComponent]:
-        return {name: getattr(self.models, name) for name in trained_names(self.config.model)}
+        return {name: getattr(self.models, name) for name in trained_names(self.config)}
+
+    def _trained_trees(self) -> dict:
+        """What a fresh state's params start from: the trained components' weights, or a LoRA
+        run's fresh adapters."""
+        if self.adapters is not None:
+            return self.adapters
+        return {name: component.params for name, component in self._trained().items()}
 
     def _param_shardings(self) -> dict:
         return {
-            name: sharding.param_shardings(component.params, self.mesh)
-            for name, component in self._trained().items()
+            name: sharding.param_shardings(tree, self.mesh)
+            for name, tree in self._trained_trees().items()
         }
 
     def abstract_state(self) -> TrainState:
@@ -104,7 +123,7 @@ class Trainer:
         checkpoint): the optimizer moments inherit the params' layout, the rest replicated."""
         params = jax.tree.map(
             lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-            {name: component.params for name, component in self._trained().items()},
+            self._trained_trees(),
             self._param_shardings(),
         )
         make = jit(self._fresh_state, profile=self.profile)
@@ -126,19 +145,35 @@ class Trainer:
         if self.state_shardings is None:
             self.abstract_state()
         shardings = self._param_shardings()
-        params = {
-            name: hand_over_weights(component, shardings[name])
-            for name, component in self._trained().items()
-        }
+        if self.adapters is not None:  # the base weights stay with the models, frozen
+            params = jax.device_put(self.adapters, shardings)
+        else:
+            params = {
+                name: hand_over_weights(component, shardings[name])
+                for name, component in self._trained().items()
+            }
         return jit(self._fresh_state, profile=self.profile, out_shardings=self.state_shardings)(
             params
         )
 
     def release_loaded_weights(self) -> None:
         """After restoring a state: the loaded trained weights are dead weight (their shapes
-        are what the trainer needs)."""
-        for component in self._trained().values():
-            keep_shapes_only(component)
+        are what the trainer needs). A LoRA run's are its frozen base: they stay."""
+        if self.adapters is None:
+            for component in self._trained().values():
+                keep_shapes_only(component)
+
+    def model_weights(self, params: dict) -> dict:
+        """The whole weights of the trained components for a state's ``params`` (see
+        :func:`trained_weights`): the params themselves, or in a LoRA run the frozen base
+        with the adapters merged (on the devices, laid out as the base)."""
+        if self.adapters is None:
+            return params
+        if self.merge_fn is None:
+            self.merge_fn = jit(
+                lambda params, frozen: trained_weights(self, params, frozen), profile=self.profile
+            )
+        return self.merge_fn(params, {"base": self.frozen["base"]})
 
     def step_program(self) -> Callable:
         """The jitted step, ``(state, frozen, batch) -> (state, metrics)``, built on first use
@@ -204,11 +239,12 @@ def _prepared_models(
         raise ValueError(
             f"image_condition={config.image_condition!r}: choose one of {IMAGE_CONDITIONS}"
         )
-    if is_sdxl(models) and config.model.train_text_encoder:
+    if is_sdxl(models) and "text_encoder" in trained_names(config):
         raise ValueError(
-            "model.train_text_encoder trains SD's one text encoder; SDXL's two stay frozen "
-            "(as diffusers' train_instruct_pix2pix_sdxl.py)"
+            "model.train_text_encoder and lora.text_encoder_targets train SD's one text "
+            "encoder; SDXL's two stay frozen (as diffusers' train_instruct_pix2pix_sdxl.py)"
         )
+    _check_lora(config)
     if config.data.cache_latents:
         check_cacheable(config.data)
     # The UNet and text encoder compute in the compute dtype on their float32 master weights;
@@ -235,8 +271,14 @@ def make_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
         "alphas_cumprod": jax.device_put(models.schedule.alphas_cumprod(), replicated),
         **_frozen_conditioning(config, models, replicated),
     }
+    if config.lora.rank:  # the adapted components' weights, frozen and laid out as trained ones
+        frozen["base"] = {}
+        for name in trained_names(config):
+            component = getattr(models, name)
+            memory.move_to_devices(component, sharding.param_shardings(component.params, mesh))
+            frozen["base"][name] = component.params
     optimizer = make_optimizer(config.optim, config.steps)
-    return Trainer(config, models, mesh, optimizer, frozen, profile)
+    return Trainer(config, models, mesh, optimizer, frozen, profile, _lora_adapters(config, models))
 
 
 def abstract_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Trainer:
@@ -250,8 +292,48 @@ def abstract_trainer(config: TrainConfig, models: ModelSet, mesh: Mesh) -> Train
         "alphas_cumprod": jax.ShapeDtypeStruct(alphas.shape, alphas.dtype),
         **_frozen_conditioning(config, models, None),
     }
+    if config.lora.rank:
+        frozen["base"] = {name: getattr(models, name).params for name in trained_names(config)}
     optimizer = make_optimizer(config.optim, config.steps)
-    return Trainer(config, models, mesh, optimizer, frozen, profile)
+    return Trainer(config, models, mesh, optimizer, frozen, profile, _lora_adapters(config, models))
+
+
+def _check_lora(config: TrainConfig) -> None:
+    lora = config.lora
+    if lora.rank < 0 or (lora.rank and lora.alpha < 0):
+        raise ValueError(f"lora.rank {lora.rank} and lora.alpha {lora.alpha} must be >= 0")
+    if lora.rank and config.model.train_text_encoder:
+        raise ValueError(
+            "lora.rank trains adapters on a frozen model, and model.train_text_encoder the "
+            "whole text encoder: for text encoder adapters set lora.text_encoder_targets"
+        )
+
+
+def _lora_adapters(config: TrainConfig, models: ModelSet) -> dict | None:
+    """A LoRA run's fresh adapters on its targets (train.lora), or None for a full run."""
+    if not config.lora.rank:
+        return None
+    return {
+        name: init_adapters(
+            getattr(models, name).params,
+            target_paths(getattr(models, name).params, targets, component=name),
+            config.lora.rank,
+            config.seed,
+        )
+        for name, targets in component_targets(config.lora).items()
+    }
+
+
+def trained_weights(trainer: Trainer, params: dict, frozen: dict) -> dict:
+    """The whole weights the step's models run with: ``params``, or in a LoRA run the
+    frozen base (``frozen["base"]``) with ``params``' adapters merged."""
+    if trainer.adapters is None:
+        return params
+    scale = lora_scale(trainer.config.lora)
+    return {
+        name: merge_adapters(frozen["base"][name], adapters, scale)
+        for name, adapters in params.items()
+    }
 
 
 def _frozen_conditioning(config: TrainConfig, models: ModelSet, replicated) -> dict:
@@ -262,7 +344,7 @@ def _frozen_conditioning(config: TrainConfig, models: ModelSet, replicated) -> d
     null_ids = jnp.asarray(batch_tokenizer(models)([""]))
     small = {"time_ids": jnp.asarray(time_ids(config.data.resolution))} if is_sdxl(models) else {}
     frozen = {}
-    if config.model.train_text_encoder:  # "" is encoded anew by each step's weights
+    if "text_encoder" in trained_names(config):  # "" is encoded anew by each step's weights
         small["null_ids"] = null_ids
     else:
         names = text_encoder_names(models)
@@ -285,8 +367,8 @@ def _frozen_conditioning(config: TrainConfig, models: ModelSet, replicated) -> d
 def _text_states(trainer: Trainer, params: dict, frozen: dict, input_ids: jax.Array):
     """(text, pooled text or None, null_text): the UNet's text states of the batch (see
     train.conditioning), SDXL's pooled text, and the states of "" that conditioning dropout
-    puts in. A trained encoder is differentiated through; a frozen one is not, and its ""
-    was encoded once."""
+    puts in. A trained encoder (whole weights in ``params``) is differentiated through; a
+    frozen one is not, and its "" was encoded once."""
     models = trainer.models
     if "text_encoder" not in params:
         text, pooled = encode_text(models, frozen["text"], input_ids)
@@ -322,7 +404,8 @@ def _encode_images(trainer: Trainer, frozen: dict, batch: dict, key: jax.Array):
 def _micro_loss(trainer: Trainer, params, frozen: dict, micro: dict, key: jax.Array):
     config = trainer.config
     keys = jax.random.split(key, 4)
-    text, pooled, null_text = _text_states(trainer, params, frozen, micro["input_ids"])
+    weights = trained_weights(trainer, params, frozen)
+    text, pooled, null_text = _text_states(trainer, weights, frozen, micro["input_ids"])
     latents, image_latent = _encode_images(trainer, frozen, micro, keys[0])
     batch = latents.shape[0]
     added = {}  # SDXL's added conditioning, which dropout leaves as it is
@@ -339,7 +422,7 @@ def _micro_loss(trainer: Trainer, params, frozen: dict, micro: dict, key: jax.Ar
     unet = trainer.models.unet.module.clone(remat_policy=config.remat)
 
     def denoise(x, t, context):
-        return unet.apply({"params": params["unet"]}, x, t, context, **added)
+        return unet.apply({"params": weights["unet"]}, x, t, context, **added)
 
     return diffusion_loss(
         denoise,

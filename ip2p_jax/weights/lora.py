@@ -16,6 +16,9 @@ Alpha: a module's ``.alpha`` tensor where the file has one; else the file's
 ``lora_adapter_metadata`` (PEFT's ``lora_alpha``, ``alpha_pattern``, ``use_rslora``: alpha over
 the square root of the rank), as diffusers writes it; else the rank (a scale of 1). The rank
 is each module's own, read from its tensors. DoRA, LoHa, LoKr and bias adapters are refused.
+
+:func:`write_lora` writes our trained adapters (train.lora) in PEFT's layout with that
+metadata, as diffusers' ``save_lora_weights`` does for a PEFT model.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ from ip2p_jax.weights.convert import (
     flax_path,
     modernize_key,
     to_flax_layout,
+    to_torch_layout,
     torch_key,
 )
-from ip2p_jax.weights.safetensors_io import iter_safetensors, read_metadata
+from ip2p_jax.weights.safetensors_io import iter_safetensors, read_metadata, write_safetensors
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {
@@ -216,4 +220,65 @@ def _param_path(adapter: Adapter, flat: Mapping, by_underscores: Mapping, source
             f"{source}: the LoRA adapts {adapter.component} module {adapter.module}, which "
             f"this model's {adapter.component} does not have"
         )
+    return path
+
+
+def module_name(path: tuple[str, ...]) -> str:
+    """The PyTorch module name of a kernel's Flax path (``down_blocks.0...attn1.to_q``)."""
+    return torch_key(path)[: -len(".weight")]
+
+
+def adapter_pairs(adapters: Mapping) -> dict[tuple[str, ...], dict[str, np.ndarray]]:
+    """An adapter tree (train.lora: each adapted module holds ``down`` and ``up``) as
+    ``{module path: {"down": ..., "up": ...}}``."""
+    modules: dict[tuple[str, ...], dict] = {}
+    for path, leaf in flatten_dict(adapters).items():
+        modules.setdefault(path[:-1], {})[path[-1]] = leaf
+    return modules
+
+
+def lora_state_dict(adapters: Mapping, prefix: str) -> dict[str, np.ndarray]:
+    """One component's adapter tree in PEFT's layout: ``{prefix}{module}.lora_A.weight``
+    ([rank, in] or [rank, in, kh, kw]) and ``.lora_B.weight`` ([out, rank] or [out, rank, 1,
+    1]), float32."""
+    state = {}
+    for module, pair in adapter_pairs(adapters).items():
+        name = prefix + module_name((*module, "kernel"))
+        for part, key in (("down", "lora_A"), ("up", "lora_B")):
+            array = np.asarray(pair[part], np.float32)
+            state[f"{name}.{key}.weight"] = to_torch_layout(array, "kernel")
+    return state
+
+
+def write_lora(
+    path: str | os.PathLike, adapters: Mapping[str, Mapping], *, rank: int, alpha: float
+) -> Path:
+    """Writes adapter trees (``{"unet": ..., "text_encoder": ...}``, train.lora) as one
+    safetensors file in PEFT's layout, keys prefixed by the component and by the PyTorch
+    model's own prefix (``text_encoder.text_model.``), atomically. The adapter metadata
+    diffusers writes goes with them (rank, alpha and the adapted modules of each component),
+    so its ``load_lora_weights`` configures PEFT as we trained."""
+    from ip2p_jax.weights.model_folder import COMPONENTS
+
+    path = Path(path)
+    tensors, metadata = {}, {}
+    for component, tree in adapters.items():
+        prefix = f"{component}.{COMPONENTS[component].torch_prefix}"
+        state = lora_state_dict(tree, prefix)
+        tensors.update(state)
+        # Without the model's prefix: PEFT matches a target as a name's last parts, so these
+        # name the modules in transformers 4's CLIPTextModel (text_model.encoder...) and in
+        # 5's, which has no text_model and whose keys diffusers loads without it.
+        modules = sorted(
+            {key[len(prefix) : -len(".lora_A.weight")] for key in state if "lora_A" in key}
+        )
+        metadata.update(
+            {
+                f"{component}.r": rank,
+                f"{component}.lora_alpha": alpha,
+                f"{component}.target_modules": modules,
+                f"{component}.init_lora_weights": "gaussian",
+            }
+        )
+    write_safetensors(path, tensors, {"format": "pt", METADATA_KEY: json.dumps(metadata)})
     return path

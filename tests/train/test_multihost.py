@@ -9,11 +9,8 @@ does.)"""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +20,9 @@ from flax.traverse_util import flatten_dict
 
 from ip2p_jax.train.reporting import read_metrics
 from ip2p_jax.train.state_checkpoints import Checkpoints
-from tests.train.conftest import ROOT, micro_config, write_config_file
+from tests.train.conftest import micro_config, write_config_file
+from tests.train.processes import finish as _finish
+from tests.train.processes import train_pair as _train_pair
 
 STEPS = 6
 RUN = {"steps": STEPS, "checkpoint_every": 3}
@@ -39,44 +38,6 @@ def _config_file(folder: Path, data: Path, fsdp: int, validate: bool = False) ->
         "from tests.train.conftest import micro_config",
         f"micro_config({str(data)!r}, fsdp={fsdp}, **{run!r})",
     )
-
-
-def _env(devices: int) -> dict[str, str]:
-    flags = os.environ.get("XLA_FLAGS", "")
-    return {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}"}
-
-
-def _ip2p(*args: str, devices: int, **popen) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ip2p_jax", *args],
-        cwd=ROOT,
-        env=_env(devices),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **popen,
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _train_pair(config: Path, workdir: Path, *extra: str) -> list[subprocess.Popen]:
-    """`ip2p train` as 2 processes of 2 devices each."""
-    port = str(_free_port())
-    return [
-        _ip2p(
-            "train",
-            *("--config", str(config), "--workdir", str(workdir)),
-            *("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"),
-            *("--process-id", str(pid), *extra),
-            devices=2,
-        )
-        for pid in (0, 1)
-    ]
 
 
 def _stop_mid_run(processes: list[subprocess.Popen], workdir: Path) -> int:
@@ -95,15 +56,6 @@ def _stop_mid_run(processes: list[subprocess.Popen], workdir: Path) -> int:
     assert all(f"stopped at step {saved}" in out for out in outputs)
     assert "SIGTERM: saved step" in outputs[0] and "SIGTERM" not in outputs[-1]
     return saved
-
-
-def _finish(processes: list[subprocess.Popen]) -> list[str]:
-    outputs = []
-    for process in processes:
-        out, err = process.communicate(timeout=900)
-        assert process.returncode == 0, err[-4000:]
-        outputs.append(out)
-    return outputs
 
 
 def _unet(folder: Path) -> dict[str, np.ndarray]:

@@ -35,6 +35,16 @@ def _convert(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from ip2p_jax.weights.model_folder import export_diffusers
 
+    if args.lora:
+        from ip2p_jax.train.snapshot import export_run_lora
+
+        out = export_run_lora(
+            args.checkpoint, args.out, step=args.step, raw_weights=args.raw_weights
+        )
+        print(f"wrote LoRA {out} (diffusers: pipe.load_lora_weights; ip2p edit --lora)")
+        return 0
+    if args.step is not None or args.raw_weights:
+        raise SystemExit("--step and --raw-weights choose a training run's adapters: use --lora")
     out = export_diffusers(args.checkpoint, args.out, overwrite=args.overwrite, dtype=args.dtype)
     print(f"wrote diffusers folder {out}")
     return 0
@@ -97,9 +107,30 @@ def add_parsers(commands) -> None:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     convert.set_defaults(run=_convert)
 
-    export = commands.add_parser("export", help="ip2p-jax checkpoint -> diffusers folder")
-    export.add_argument("checkpoint", help="ip2p-jax checkpoint folder")
-    export.add_argument("out", type=Path, help="diffusers folder to write")
+    export = commands.add_parser(
+        "export",
+        help="ip2p-jax checkpoint -> diffusers folder; with --lora, a LoRA run's adapters -> "
+        "a PEFT-layout LoRA file",
+    )
+    export.add_argument(
+        "checkpoint", help="ip2p-jax checkpoint folder (with --lora: a run's workdir)"
+    )
+    export.add_argument(
+        "out",
+        type=Path,
+        help="diffusers folder to write (with --lora: a .safetensors file, or a folder to "
+        "hold pytorch_lora_weights.safetensors)",
+    )
+    export.add_argument(
+        "--lora",
+        action="store_true",
+        help="write the LoRA adapters of a training run (--config.lora.rank) at a saved step, "
+        "in the PEFT layout diffusers' load_lora_weights reads",
+    )
+    export.add_argument("--step", type=int, help="with --lora: a saved step (default: the latest)")
+    export.add_argument(
+        "--raw-weights", action="store_true", help="with --lora: the optimizer's, not the EMA's"
+    )
     export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     export.add_argument(
         "--dtype",
