@@ -78,7 +78,7 @@ def test_a_frozen_text_encoder_is_exported_untouched(shapes32, three_step_run):
     from ip2p_jax.train.models import trained_names
 
     config = micro_config(shapes32, steps=3)  # three_step_run's: the encoder frozen
-    assert trained_names(config.model) == ("unet",)
+    assert trained_names(config) == ("unet",)
     initial, exported = _text_encoder_leaves(three_step_run, config)
     for a, b in zip(exported, initial, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
