@@ -87,7 +87,20 @@ class DinoEmbedder:
             pixels = F.interpolate(
                 pixels.permute(0, 3, 1, 2), size=self.size, mode="bicubic", align_corners=False
             )
-            out = self.model(pixel_values=(pixels - self.mean) / self.std)
+        return self.embed_pixels((pixels - self.mean) / self.std)
+
+    def embed_pixels(self, pixel_values: Any) -> np.ndarray:
+        """(N, D) unit-norm CLS embeddings of images already resized and normalised, (N, 3,
+        H, W) float32 (numpy or torch). A side other than the model's interpolates its
+        position embeddings, as DINO's own ViT does for any input size."""
+        import torch
+
+        with torch.no_grad():
+            pixels = torch.as_tensor(pixel_values, dtype=torch.float32).to(self.device)
+            extra = {}
+            if pixels.shape[-1] != self.model.config.image_size:
+                extra["interpolate_pos_encoding"] = True
+            out = self.model(pixel_values=pixels, **extra)
             # The CLS token of the final (layer-normed) hidden states: DINO's image embedding.
             cls = out.last_hidden_state[:, 0]
             cls = cls / cls.norm(dim=1, keepdim=True)
