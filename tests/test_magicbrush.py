@@ -307,7 +307,8 @@ def test_metrics_follow_the_script(scorer, clip_folder, dino_folder):
         [caption], padding="max_length", max_length=77, return_tensors="pt"
     )
     clip_stats = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-    dino = ViTModel.from_pretrained(str(dino_folder)).eval()
+    dino = ViTModel.from_pretrained(str(dino_folder), layer_norm_eps=1e-6).eval()  # DINO's
+    assert scorer.dino.model.config.layer_norm_eps == 1e-6
     imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
     def pooled(out):

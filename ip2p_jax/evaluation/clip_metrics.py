@@ -60,12 +60,13 @@ class DinoEmbedder:
     folder's preprocessor_config.json (crop size, else size), or the model's image_size, and
     normalised with its mean/std (ImageNet's by default). No crop: whole images compare."""
 
-    def __init__(self, model: str | os.PathLike, *, device: str = "cpu"):
+    def __init__(self, model: str | os.PathLike, *, device: str = "cpu", **config: Any):
+        """``config``: overrides of the folder's config (e.g. ``layer_norm_eps``)."""
         import torch
         from transformers import AutoModel
 
         self.device = torch.device(device)
-        self.model = AutoModel.from_pretrained(str(model)).to(self.device).eval()
+        self.model = AutoModel.from_pretrained(str(model), **config).to(self.device).eval()
         self.model.requires_grad_(False)
         mean, std, size = IMAGENET_MEAN, IMAGENET_STD, None
         processor = Path(model) / "preprocessor_config.json"

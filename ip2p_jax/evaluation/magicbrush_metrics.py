@@ -31,6 +31,9 @@ from ip2p_jax.evaluation.clip_metrics import (
 )
 
 DINO_RESIZE, DINO_CROP = 256, 224  # the script's DINO transform
+# DINO's own ViT (vision_transformer.py, vit_small) normalises with eps 1e-6; the converted
+# facebook/dino-vits16 config says transformers' default 1e-12.
+DINO_LAYER_NORM_EPS = 1e-6
 CHUNK = 32  # images per model call: bounds memory, does not change a score
 MODEL_METRICS = ("clip_i", "clip_t", "clip_t_oracle", "dino")
 
@@ -91,7 +94,7 @@ class MagicBrushScorer:
 
             self.clip = ClipSimilarity(clip, device=device)
         if dino is not None:
-            self.dino = DinoEmbedder(dino, device=device)
+            self.dino = DinoEmbedder(dino, device=device, layer_norm_eps=DINO_LAYER_NORM_EPS)
 
     @property
     def metrics(self) -> tuple[str, ...]:
