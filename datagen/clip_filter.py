@@ -79,6 +79,13 @@ class ClipSimilarity:
         return features / features.norm(dim=1, keepdim=True)
 
     @torch.no_grad()
+    def encode_token_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Unit-norm text embeddings of token ids already made (N, 77), e.g. by OpenAI's
+        tokenizer; the embedding is read at the first end token, so the padding id is free."""
+        features = _embedding(self.model.get_text_features(input_ids=input_ids.to(self.device)))
+        return features / features.norm(dim=1, keepdim=True)
+
+    @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings of [0, 1] images (N, H, W, 3)."""
         images = images.to(self.device, torch.float32).permute(0, 3, 1, 2)

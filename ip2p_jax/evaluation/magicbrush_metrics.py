@@ -91,8 +91,11 @@ class MagicBrushScorer:
         self.clip = self.dino = None
         if clip is not None:
             from datagen.clip_filter import ClipSimilarity
+            from ip2p_jax.models.tokenizer import CLIPTokenizer
 
             self.clip = ClipSimilarity(clip, device=device)
+            # OpenAI's tokenizer, cleanup included (ftfy, HTML unescape): clip.tokenize's ids.
+            self.tokenizer = CLIPTokenizer.from_folder(clip)
         if dino is not None:
             self.dino = DinoEmbedder(dino, device=device, layer_norm_eps=DINO_LAYER_NORM_EPS)
 
@@ -116,8 +119,14 @@ class MagicBrushScorer:
         return _chunked(images, lambda chunk: embed(chunk).cpu().numpy())
 
     def clip_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, D) unit-norm CLIP text embeddings (captions past 77 tokens truncated)."""
-        return _chunked(list(texts), lambda chunk: self.clip.encode_text(chunk).cpu().numpy())
+        """(N, D) unit-norm CLIP text embeddings of clip.tokenize's ids (a caption past 77
+        tokens is truncated with a warning, where clip.tokenize raises)."""
+
+        def embed(chunk):
+            ids = _torch(self.tokenizer(chunk).astype(np.int64))
+            return self.clip.encode_token_ids(ids).cpu().numpy()
+
+        return _chunked(list(texts), embed)
 
     def dino_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, D) unit-norm DINO CLS embeddings with the script's transform."""
