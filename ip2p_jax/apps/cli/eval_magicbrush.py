@@ -81,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
     sessions = read_layout(args.data, captions=captions, num=args.num)
     turns = sum(len(s.turns) for s in sessions)
     print(f"{len(sessions)} sessions, {turns} turns of {args.data}")
-    scorer = MagicBrushScorer(args.clip, args.dino, device=args.metrics_device)
     edit_settings = {
         "model": str(args.model),
         "steps": args.steps,
@@ -96,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     images = out / "images"
     magicbrush.check_settings(out, edit_settings)
+    scorer = MagicBrushScorer(args.clip, args.dino, device=args.metrics_device)
     waves = magicbrush.plan_waves(sessions, images, settings)
     if any(not job.out.exists() for wave in waves for job in wave):
         from ip2p_jax.pipelines.auto import load_edit_pipeline
