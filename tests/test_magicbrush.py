@@ -435,7 +435,7 @@ def test_cli_end_to_end(data, clip_folder, dino_folder, pipe, tmp_path, monkeypa
         [Image.open(images / "303/303_1.png").convert("RGB")] * BATCH, ["move it left"] * BATCH
     )
     diff = np.abs(np.asarray(again[0], np.int16) - _read(images / "303/303_iter_2.png"))
-    assert diff.max() <= 1
+    assert diff.max() <= 1  # equal here; one level of slack for another CPU's rounding
     table = capsys.readouterr().out
     assert "single_turn" in table and "multi_turn" in table and "clip_t_oracle" in table
 
