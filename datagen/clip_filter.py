@@ -79,13 +79,26 @@ class ClipSimilarity:
         return features / features.norm(dim=1, keepdim=True)
 
     @torch.no_grad()
+    def encode_token_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Unit-norm text embeddings of token ids already made (N, 77), e.g. by OpenAI's
+        tokenizer; the embedding is read at the first end token, so the padding id is free."""
+        features = _embedding(self.model.get_text_features(input_ids=input_ids.to(self.device)))
+        return features / features.norm(dim=1, keepdim=True)
+
+    @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings of [0, 1] images (N, H, W, 3)."""
         images = images.to(self.device, torch.float32).permute(0, 3, 1, 2)
         images = F.interpolate(images, size=self.size, mode="bicubic", align_corners=False)
-        features = _embedding(
-            self.model.get_image_features(pixel_values=(images - self.mean) / self.std)
-        )
+        return self.encode_pixels((images - self.mean) / self.std)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image embeddings of images already preprocessed: (N, 3, S, S) at the
+        model's size, normalised with CLIP_MEAN / CLIP_STD (for a caller with its own resize,
+        such as the MagicBrush protocol's)."""
+        pixel_values = pixel_values.to(self.device, torch.float32)
+        features = _embedding(self.model.get_image_features(pixel_values=pixel_values))
         return features / features.norm(dim=1, keepdim=True)
 
     def scores(

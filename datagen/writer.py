@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ip2p_jax.weights.atomic import atomic_folder, write_text_atomically
+from ip2p_jax.weights.atomic import atomic_folder, record_settings, write_text_atomically
 
 JPEG_QUALITY = 100  # as the original saved its pairs
 RECIPE_FILE = "generation.json"
@@ -63,21 +63,11 @@ class PairFolder:
             self.recipe = json.loads(path.read_text())
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        recipe = json.loads(json.dumps(recipe))  # as it reads back: lists, not tuples
-        if path.is_file():
-            stored = json.loads(path.read_text())
-            changed = sorted(
-                k for k in recipe.keys() | stored.keys() if recipe.get(k) != stored.get(k)
-            )
-            if changed:
-                details = ", ".join(f"{k}: {stored.get(k)!r} -> {recipe.get(k)!r}" for k in changed)
-                raise ValueError(
-                    f"{path} was written with another recipe ({details}); use a new output "
-                    "folder, or the same settings and models to continue it"
-                )
-        else:
-            write_text_atomically(path, json.dumps(recipe, indent=2, sort_keys=True))
-        self.recipe = recipe
+        self.recipe = record_settings(
+            path,
+            dict(recipe),
+            fix="use a new output folder, or the same settings and models to continue it",
+        )
 
     def prompt_dir(self, index: int) -> Path:
         """The folder of prompt `index` (its line number in the prompts file)."""

@@ -33,21 +33,9 @@ def clip_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dino_folder(tmp_path_factory):
     """A tiny random ViTModel (DINO's architecture), saved by transformers."""
-    import torch
-    from transformers import ViTConfig, ViTModel
+    from ip2p_jax.testing.reference_models import build_vit_folder
 
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        image_size=SIZE,
-        patch_size=8,
-    )
-    path = tmp_path_factory.mktemp("dino") / "dino"
-    ViTModel(config).eval().save_pretrained(str(path))
-    return path
+    return build_vit_folder(tmp_path_factory.mktemp("dino") / "dino", image_size=SIZE)
 
 
 @pytest.fixture(scope="module")

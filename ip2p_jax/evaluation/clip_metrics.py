@@ -60,12 +60,13 @@ class DinoEmbedder:
     folder's preprocessor_config.json (crop size, else size), or the model's image_size, and
     normalised with its mean/std (ImageNet's by default). No crop: whole images compare."""
 
-    def __init__(self, model: str | os.PathLike, *, device: str = "cpu"):
+    def __init__(self, model: str | os.PathLike, *, device: str = "cpu", **config: Any):
+        """``config``: overrides of the folder's config (e.g. ``layer_norm_eps``)."""
         import torch
         from transformers import AutoModel
 
         self.device = torch.device(device)
-        self.model = AutoModel.from_pretrained(str(model)).to(self.device).eval()
+        self.model = AutoModel.from_pretrained(str(model), **config).to(self.device).eval()
         self.model.requires_grad_(False)
         mean, std, size = IMAGENET_MEAN, IMAGENET_STD, None
         processor = Path(model) / "preprocessor_config.json"
@@ -87,7 +88,20 @@ class DinoEmbedder:
             pixels = F.interpolate(
                 pixels.permute(0, 3, 1, 2), size=self.size, mode="bicubic", align_corners=False
             )
-            out = self.model(pixel_values=(pixels - self.mean) / self.std)
+        return self.embed_pixels((pixels - self.mean) / self.std)
+
+    def embed_pixels(self, pixel_values: Any) -> np.ndarray:
+        """(N, D) unit-norm CLS embeddings of images already resized and normalised, (N, 3,
+        H, W) float32 (numpy or torch). A side other than the model's interpolates its
+        position embeddings, as DINO's own ViT does for any input size."""
+        import torch
+
+        with torch.no_grad():
+            pixels = torch.as_tensor(pixel_values, dtype=torch.float32).to(self.device)
+            extra = {}
+            if pixels.shape[-1] != self.model.config.image_size:
+                extra["interpolate_pos_encoding"] = True
+            out = self.model(pixel_values=pixels, **extra)
             # The CLS token of the final (layer-normed) hidden states: DINO's image embedding.
             cls = out.last_hidden_state[:, 0]
             cls = cls / cls.norm(dim=1, keepdim=True)

@@ -285,3 +285,24 @@ def build_clip_folder(path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(str(path))
     CLIPTokenizer.from_pretrained(str(BUNDLED_DIR)).save_pretrained(str(path))
     return Path(path)
+
+
+def build_vit_folder(
+    path: str | Path, *, image_size: int = 32, patch_size: int = 8, seed: int = 0
+) -> Path:
+    """Saves a random-weight transformers ``ViTModel`` in miniature (DINO's architecture:
+    hidden 32, 2 layers) taking ``image_size`` px images in ``patch_size`` patches."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    ViTModel(config).eval().save_pretrained(str(path))
+    return Path(path)

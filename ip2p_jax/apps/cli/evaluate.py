@@ -1,4 +1,4 @@
-"""``ip2p eval shapes`` and ``ip2p eval edits``: score a model's edits.
+"""``ip2p eval shapes`` and ``ip2p eval edits`` (``eval magicbrush``: eval_magicbrush.py).
 
 eval shapes: the shapes world's held-out edits, scored against the exact truth (a table, and
 with --json every score). eval edits: the paper's evaluation of a real model on an edit-pair
@@ -15,6 +15,7 @@ import gc
 import time
 from pathlib import Path
 
+from ip2p_jax.apps.cli import eval_magicbrush
 from ip2p_jax.apps.cli.arguments import (
     add_model_argument,
     add_precision_arguments,
@@ -226,7 +227,8 @@ def run_edits(args: argparse.Namespace) -> int:
 
 
 def add_parsers(commands) -> None:
-    """Registers ``eval`` with its worlds, shapes and edits, on ``commands`` (add_subparsers())."""
+    """Registers ``eval`` with its worlds (shapes, edits, magicbrush) on ``commands``
+    (add_subparsers())."""
     evaluate = commands.add_parser("eval", help="score edit quality")
     worlds = evaluate.add_subparsers(dest="world", required=True)
     shapes = worlds.add_parser(
@@ -241,3 +243,10 @@ def add_parsers(commands) -> None:
     )
     _add_edits_arguments(edits)
     edits.set_defaults(run=run_edits)
+    magicbrush = worlds.add_parser(
+        "magicbrush",
+        help="a model on the MagicBrush test set by its authors' protocol: single- and "
+        "multi-turn edits, L1, L2, CLIP-I, CLIP-T, DINO",
+    )
+    eval_magicbrush.add_arguments(magicbrush)
+    magicbrush.set_defaults(run=eval_magicbrush.run)

@@ -1,7 +1,8 @@
 """The ``ip2p`` command: its parser, assembled from one module per command group, and main().
 
 models.py: convert, export, export-run, parity. editing.py: edit, grid, app, demo.
-evaluate.py: eval shapes, eval edits. data.py: datagen. training.py: train, train-vae.
+evaluate.py: eval shapes, eval edits, eval magicbrush (its handler in eval_magicbrush.py).
+data.py: datagen. training.py: train, train-vae.
 arguments.py: the options they share (model, sampling, scales). Every handler imports what it
 runs (JAX, torch) when it runs, so ``ip2p --help`` stays fast. main() maps the errors a user can
 cause (a missing file, a bad value) to exit code 2 with a one-line message.
