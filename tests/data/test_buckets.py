@@ -191,3 +191,24 @@ def _png(height: int, width: int) -> bytes:
     from ip2p_jax.pipelines.images import encode_png
 
     return encode_png(np.zeros((height, width, 3), np.uint8))
+
+
+def test_a_pair_unreadable_since_the_plan_stops_the_batch(tmp_path):
+    """A bucketed batch cannot take the next example in a skipped one's place (it may be
+    another bucket's): a pair the plan counted on that fails to decode now is an error."""
+    from ip2p_jax.data.edit_pairs import write_dataset
+    from ip2p_jax.data.schema import make_example
+    from ip2p_jax.pipelines.images import encode_png
+
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(8):
+        before, after = (encode_png(a) for a in random_pair(rng, 32, 32))
+        if i == 2:  # a PNG header and then garbage
+            after = after[:8] + b"\x00garbage" * 10
+        examples.append(make_example(before, after, f"edit {i}", key=f"k{i}"))
+    write_dataset(tmp_path, {"train": examples})
+    square = BUCKETS.index(Bucket(32, 32))
+    plan = BucketPlan(BUCKETS, np.full(8, square))  # as if every pair had decoded
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="k2 could be trained on"):
+        next(iter(_loader(tmp_path, plan, shuffle=False)))
