@@ -3,7 +3,8 @@
 Each line is ``{"image": PATH, "instruction": TEXT}`` with optional ``"out"`` (file name in
 the output folder), ``"seed"``, ``"text_scale"``, ``"image_scale"``. Image paths are relative
 to the manifest's folder. Outputs that already exist are skipped, so a rerun resumes; each
-output is written atomically.
+output is written atomically. With aspect-ratio buckets (``ip2p edit --buckets``) the images
+are grouped by bucket, each group edited in batches of one shape (apps.bucket_edits).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ip2p_jax.apps.bucket_edits import bucket_batches, describe_batches
+from ip2p_jax.data.buckets import Bucket
 from ip2p_jax.pipelines.edit import EditPipeline
 
 FIELDS = {"image", "instruction", "out", "seed", "text_scale", "image_scale"}
@@ -73,27 +76,55 @@ def batches(jobs: list[EditJob], size: int) -> Iterator[list[EditJob]]:
         yield jobs[start : start + size]
 
 
+def edit_jobs(
+    pipe: EditPipeline, jobs: list[EditJob], images: list | None = None, **edit_options: Any
+) -> list:
+    """One ``pipe.edit`` call on the jobs' images (or `images`, one per job), each with its
+    instruction, seed and scales."""
+    return pipe.edit(
+        [job.image for job in jobs] if images is None else images,
+        [job.instruction for job in jobs],
+        seed=[job.seed for job in jobs],
+        text_scale=[job.text_scale for job in jobs],
+        image_scale=[job.image_scale for job in jobs],
+        **edit_options,
+    )
+
+
 def run_jobs(
     pipe: EditPipeline,
     jobs: list[EditJob],
     *,
     batch_size: int = 4,
     resume: bool = True,
+    buckets: tuple[Bucket, ...] | None = None,
     **edit_options: Any,
 ) -> tuple[int, int]:
     """Edits the jobs (with ``resume``, only those whose output is missing); returns
-    (edited, skipped as already done)."""
+    (edited, skipped as already done). With ``buckets``, the images are edited at their
+    aspect-ratio buckets' sizes, a bucket's batches of one shape (apps.bucket_edits)."""
     pending = [job for job in jobs if not (resume and job.out.exists())]
-    done = 0
-    for group in batches(pending, batch_size):
-        images = pipe.edit(
-            [job.image for job in group],
-            [job.instruction for job in group],
-            seed=[job.seed for job in group],
-            text_scale=[job.text_scale for job in group],
-            image_scale=[job.image_scale for job in group],
-            **edit_options,
+    if buckets is None:
+        edited = (
+            (group, edit_jobs(pipe, group, **edit_options))
+            for group in batches(pending, batch_size)
         )
+    else:
+        planned = bucket_batches(pending, buckets, batch_size)
+        print(f"aspect-ratio buckets: {describe_batches(planned)}")
+        edited = (
+            (
+                batch.jobs,
+                batch.outputs(
+                    edit_jobs(
+                        pipe, batch.rows, batch.inputs(), **{**edit_options, **batch.size_options()}
+                    )
+                ),
+            )
+            for batch in planned
+        )
+    done = 0
+    for group, images in edited:
         for job, image in zip(group, images, strict=True):
             save_atomically(image, job.out)
         done += len(group)

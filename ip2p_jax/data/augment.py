@@ -44,6 +44,12 @@ class Augmentation:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
 
 
+def check_instruction(example: Mapping[str, Any]) -> None:
+    """BadExample('empty_instruction') when the example says nothing to change."""
+    if not example["instruction"].strip():
+        raise BadExample("empty_instruction", "instruction is empty")
+
+
 def decode_image(data: bytes, field: str) -> Image.Image:
     """PIL RGB image from encoded bytes; BadExample('corrupt_image') when unreadable."""
     try:
@@ -72,26 +78,36 @@ def augment_pair(
     after: Image.Image,
     augmentation: Augmentation,
     rng: np.random.Generator,
+    size: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The same random resize, crop and flip on both images; uint8 (crop, crop, 3) arrays."""
+    """The same random resize, crop and flip on both images; uint8 (crop, crop, 3) arrays,
+    or (height, width, 3) for a `size` (width, height): an aspect-ratio bucket's.
+
+    The images are resized to cover the crop scaled by short / crop, for `short` drawn from
+    [min_resize, max_resize]: for a square crop, the short side resized to `short` (the
+    paper's recipe); for a bucket, the same scale, so a bucket sees the zoom a square does."""
+    crop_width, crop_height = size or (augmentation.crop, augmentation.crop)
     short = int(rng.integers(augmentation.min_resize, augmentation.max_resize + 1))
-    arrays = [_resize_short_side(image, short) for image in (before, after)]
+    cover = (crop_width * short // augmentation.crop, crop_height * short // augmentation.crop)
+    arrays = [_resize_to_cover(image, *cover) for image in (before, after)]
     height, width = arrays[0].shape[:2]
-    top = int(rng.integers(0, height - augmentation.crop + 1))
-    left = int(rng.integers(0, width - augmentation.crop + 1))
+    top = int(rng.integers(0, height - crop_height + 1))
+    left = int(rng.integers(0, width - crop_width + 1))
     flip = bool(rng.random() < augmentation.flip_prob)
     out = []
     for array in arrays:
-        array = array[top : top + augmentation.crop, left : left + augmentation.crop]
+        array = array[top : top + crop_height, left : left + crop_width]
         out.append(np.ascontiguousarray(array[:, ::-1] if flip else array))
     return out[0], out[1]
 
 
-def _resize_short_side(image: Image.Image, short: int) -> np.ndarray:
+def _resize_to_cover(image: Image.Image, cover_width: int, cover_height: int) -> np.ndarray:
+    """The image scaled (aspect kept) to the smallest size that covers cover_width x
+    cover_height; for a square cover, its short side resized to the square's side."""
     width, height = image.size
-    if min(width, height) != short:  # already the right size: keep the exact pixels
-        scale = short / min(width, height)
-        size = (max(short, round(width * scale)), max(short, round(height * scale)))
+    scale = max(cover_width / width, cover_height / height)
+    size = (max(cover_width, round(width * scale)), max(cover_height, round(height * scale)))
+    if size != image.size:  # already the right size: keep the exact pixels
         image = image.resize(size, Image.Resampling.LANCZOS)
     return np.asarray(image, dtype=np.uint8)
 

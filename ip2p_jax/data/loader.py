@@ -15,6 +15,10 @@ Global batch b is the sampler's examples [b * batch_size, (b + 1) * batch_size),
 the process count: process p of n reads the block [b * B + p * m, b * B + (p + 1) * m) of it
 (m = B / n). A run on 2 hosts therefore trains on the same batches, row for row, as on one
 (as long as no example is skipped), and the global array's rows are the sampler's order.
+
+With aspect-ratio buckets (a data.bucket_sampler.BucketPlan) the sampler is a BucketSampler:
+each global batch is one bucket's pairs, each cropped to that bucket's size, so batches are
+of a few shapes; the state names the buckets, and resuming under other buckets is refused.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ from ip2p_jax.data.augment import (
     Augmentation,
     BadExample,
     augment_pair,
+    check_instruction,
     decode_pair,
     drop_words,
 )
+from ip2p_jax.data.bucket_sampler import BucketPlan, BucketSampler
+from ip2p_jax.data.buckets import Bucket, nearest_bucket
 
 SKIPPED = "skipped"  # an element that stands for a skipped example: {SKIPPED: reason, ...}
 
@@ -78,17 +85,24 @@ class _DecodeAugmentTokenize(grain.transforms.RandomMap):
     """One example -> training arrays, or a skip marker that the batcher counts."""
 
     def __init__(
-        self, augmentation: Augmentation, tokenizer: Tokenizer | None, word_dropout: float
+        self,
+        augmentation: Augmentation,
+        tokenizer: Tokenizer | None,
+        word_dropout: float,
+        buckets: tuple[Bucket, ...] = (),
     ):
         self.augmentation = augmentation
         self.tokenizer = tokenizer
         self.word_dropout = word_dropout
+        self.buckets = buckets  # none: square crops
 
     def random_map(self, example: Mapping[str, Any], rng: np.random.Generator) -> dict:
         try:
-            _check_instruction(example)
+            check_instruction(example)
             before, after = decode_pair(example)
-            before, after = augment_pair(before, after, self.augmentation, rng)
+            # The sampler batched the pair by this same rule on this same decoded size.
+            size = nearest_bucket(*before.size, self.buckets) if self.buckets else None
+            before, after = augment_pair(before, after, self.augmentation, rng, size)
         except BadExample as bad:
             return _skip(example, bad)
         element = {"input_image": before, "edited_image": after}
@@ -106,16 +120,11 @@ class _TokenizeLatents(grain.transforms.RandomMap):
         if SKIPPED in example:
             return dict(example)
         try:
-            _check_instruction(example)
+            check_instruction(example)
         except BadExample as bad:
             return _skip(example, bad)
         element = {name: example[name] for name in ("input_moments", "edited_moments")}
         return _with_text(element, example, self.tokenizer, self.word_dropout, rng)
-
-
-def _check_instruction(example: Mapping[str, Any]) -> None:
-    if not example["instruction"].strip():
-        raise BadExample("empty_instruction", "instruction is empty")
 
 
 def _skip(example: Mapping[str, Any], bad: BadExample) -> dict:
@@ -185,7 +194,8 @@ class ProcessBlocks:
 
 class EditPairLoader:
     """Batches of one split for one JAX process (block `shard_index` of `shard_count` of
-    every global batch; see the module docstring)."""
+    every global batch; see the module docstring), bucketed by aspect ratio when `buckets`
+    (the split's BucketPlan) is given."""
 
     def __init__(
         self,
@@ -195,6 +205,7 @@ class EditPairLoader:
         tokenizer: Tokenizer | None = None,
         shard_index: int | None = None,
         shard_count: int | None = None,
+        buckets: BucketPlan | None = None,
     ):
         if shard_index is None or shard_count is None:
             import jax
@@ -206,11 +217,26 @@ class EditPairLoader:
             )
         if len(source) < shard_count:
             raise ValueError(f"{source!r} has fewer examples than the {shard_count} shards")
+        if buckets is not None:
+            if getattr(source, "holds_latents", False):
+                raise ValueError(
+                    "aspect-ratio buckets crop each pair to its bucket's size; a latent cache "
+                    "holds latents of one size: set data.cache_latents=False or "
+                    "data.buckets=False"
+                )
+            if len(buckets.assignment) != len(source):
+                raise ValueError(
+                    f"the bucket plan covers {len(buckets.assignment)} pairs; {source!r} "
+                    f"has {len(source)}"
+                )
+        self.buckets = buckets
         self.source = source
         self.config = config
         self.tokenizer = tokenizer
         self.shard_index, self.shard_count = shard_index, shard_count
         self.local_batch_size = config.batch_size // shard_count
+        if buckets is not None:
+            self.sampler()  # a plan with no whole batch fails here, before any compile
 
     def __iter__(self) -> BatchIterator:
         return BatchIterator(self)
@@ -218,12 +244,21 @@ class EditPairLoader:
     def sampler(self, start: int = 0) -> ProcessBlocks:
         """This process's examples in order, from its `start`-th on."""
         config = self.config
-        whole = grain.samplers.IndexSampler(
-            num_records=len(self.source),
-            shuffle=config.shuffle,
-            num_epochs=config.num_epochs,
-            seed=config.seed,
-        )
+        if self.buckets is None:
+            whole = grain.samplers.IndexSampler(
+                num_records=len(self.source),
+                shuffle=config.shuffle,
+                num_epochs=config.num_epochs,
+                seed=config.seed,
+            )
+        else:
+            whole = BucketSampler(
+                self.buckets,
+                config.batch_size,
+                seed=config.seed,
+                shuffle=config.shuffle,
+                num_epochs=config.num_epochs,
+            )
         return ProcessBlocks(
             whole, self.shard_index, self.shard_count, self.local_batch_size, start
         )
@@ -249,9 +284,14 @@ class EditPairLoader:
         # A latent cache (train.latent_cache) holds encoded, un-augmented examples.
         if getattr(self.source, "holds_latents", False):
             return _TokenizeLatents(self.tokenizer, self.config.word_dropout)
+        buckets = () if self.buckets is None else self.buckets.buckets
         return _DecodeAugmentTokenize(
-            self.config.augmentation, self.tokenizer, self.config.word_dropout
+            self.config.augmentation, self.tokenizer, self.config.word_dropout, buckets
         )
+
+    def bucket_names(self) -> list[str] | None:
+        """The buckets as the state records them ('256x256', ...); None without buckets."""
+        return None if self.buckets is None else [str(b) for b in self.buckets.buckets]
 
 
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
@@ -283,6 +323,12 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             self.consumed += 1
             if SKIPPED in element:
                 self._count_skip(element)
+                if self.loader.buckets is not None:  # the next example is another batch's
+                    raise ValueError(
+                        f"{element['key']} could be trained on when the bucket plan was made "
+                        f"and now cannot ({element['detail']}); a bucketed batch cannot "
+                        "skip it: make the plan again (delete workdir/buckets)"
+                    )
                 continue
             rows.append(element)
         self.batches += 1
@@ -300,16 +346,25 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
 
     def get_state(self) -> dict[str, Any]:
         """JSON-able position of this process: examples read, batches, skips so far."""
-        return {
+        state = {
             "consumed": self.consumed,
             "local_batch_size": self.loader.local_batch_size,
             "batches": self.batches,
             "skipped": dict(self.skipped),
         }
+        if self.loader.buckets is not None:
+            state["buckets"] = self.loader.bucket_names()
+        return state
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Continues right after the batch at which `state` was taken (this process's own
         state; :func:`resume_position` makes one from every process's of another run)."""
+        if state.get("buckets") != self.loader.bucket_names():
+            raise ValueError(
+                f"the checkpoint's input order was made with buckets {state.get('buckets')} "
+                f"and this run's has {self.loader.bucket_names()}: the examples read so far "
+                "would not be the same ones. Resume with the run's data.buckets settings"
+            )
         if "grain" in state:
             state = {**state, "consumed": _consumed_from_grain_state(state["grain"])}
         self.consumed = int(state["consumed"])
@@ -342,12 +397,15 @@ def resume_position(
     if shard_index == 0:
         for state in states:
             skipped.update(state["skipped"])
-    return {
+    position = {
         "consumed": batch * local_batch + into_block,
         "local_batch_size": local_batch,
         "batches": int(states[0]["batches"]),
         "skipped": dict(skipped),
     }
+    if "buckets" in states[0]:
+        position["buckets"] = states[0]["buckets"]
+    return position
 
 
 def _next_global_index(

@@ -3,9 +3,11 @@ model-friendly size, and the [-1, 1] arrays the VAE takes."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_RESOLUTION = 2048  # the long side we sample at, at most; larger requests are capped
 MAX_INPUT_PIXELS = 16384 * 16384  # refuse to decode anything larger (decompression bombs)
+ORIENTATION_TAG = 0x0112  # EXIF's
 
 
 class ImageError(ValueError):
@@ -23,29 +26,56 @@ def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
     """Opens an image file (or passes a PIL image through), fully decoded, with EXIF
     orientation applied. Unreadable, corrupt, empty or enormous files are an ImageError."""
     if isinstance(source, Image.Image):
-        image, name = source, "the given image"
+        image = source
     else:
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise ImageError(f"image not found: {path}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(path)
-                if image.width * image.height > MAX_INPUT_PIXELS:
-                    raise ImageError(
-                        f"{path}: {image.width}x{image.height} is too large to edit "
-                        f"(at most {MAX_INPUT_PIXELS} pixels); downscale it first"
-                    )
+        with _opened(Path(source), decode=True) as image:
+            pass
+    _check_not_empty(image, "the given image" if isinstance(source, Image.Image) else source)
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """The (width, height) :func:`load_image` gives the file, read from its header alone
+    (EXIF orientation applied): for planning a batch before decoding it. The same errors."""
+    with _opened(Path(path), decode=False) as image:
+        _check_not_empty(image, path)
+        width, height = image.size
+        # EXIF orientations 5 to 8 turn the image a quarter: load_image swaps the sides.
+        turned = image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
+
+
+@contextlib.contextmanager
+def _opened(path: Path, decode: bool) -> Iterator[Image.Image]:
+    """The opened image (decoded when `decode`, else closed after use), errors turned into
+    ImageError."""
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            if image.width * image.height > MAX_INPUT_PIXELS:
+                raise ImageError(
+                    f"{path}: {image.width}x{image.height} is too large to edit "
+                    f"(at most {MAX_INPUT_PIXELS} pixels); downscale it first"
+                )
+            if decode:
                 image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise ImageError(f"{path}: not a readable image ({err})") from err
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-            raise ImageError(f"{path}: too large to decode safely ({err})") from err
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ImageError(f"{path}: not a readable image ({err})") from err
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise ImageError(f"{path}: too large to decode safely ({err})") from err
+    try:
+        yield image
+    finally:
+        if not decode:  # the header read leaves the file open
+            image.close()
+
+
+def _check_not_empty(image: Image.Image, name: object) -> None:
     if image.width == 0 or image.height == 0:
         raise ImageError(f"{name} has zero size ({image.width}x{image.height})")
-    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

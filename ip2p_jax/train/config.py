@@ -57,6 +57,14 @@ class DataConfig:
     # Probability of leaving out each word of a training instruction (data.InputConfig);
     # for a text encoder trained from scratch (model.train_text_encoder).
     word_dropout: float = 0.0
+    # Aspect-ratio buckets (data.buckets): batches of one size each from a fixed list of
+    # about resolution**2 pixels, sides multiples of bucket_step (0: the model's factor, 64
+    # for SD), aspect ratios up to bucket_max_ratio:1. The train step compiles once per
+    # bucket trained on; a list longer than max_buckets is refused before anything runs.
+    buckets: bool = False
+    bucket_step: int = 0
+    bucket_max_ratio: float = 4.0
+    max_buckets: int = 32
 
 
 @dataclasses.dataclass(frozen=True)

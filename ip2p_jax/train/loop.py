@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from ip2p_jax.data.augment import Augmentation
+from ip2p_jax.data.bucket_sampler import BucketPlan
 from ip2p_jax.data.edit_pairs import EditPairSource
 from ip2p_jax.data.loader import EditPairLoader, InputConfig, Tokenizer, resume_position
 from ip2p_jax.runtime.compilation import enable_compilation_cache
@@ -36,6 +37,7 @@ from ip2p_jax.runtime.distributed import (
     is_primary,
 )
 from ip2p_jax.runtime.mesh import fsdp_at_hand, local_mesh, make_mesh
+from ip2p_jax.train.bucketing import StepPrograms, bucket_plan
 from ip2p_jax.train.conditioning import batch_tokenizer
 from ip2p_jax.train.config import TrainConfig
 from ip2p_jax.train.latent_cache import LatentSplit, cached_latents
@@ -91,9 +93,12 @@ def train_split(config: Any) -> EditPairSource:
     return EditPairSource(config.data.path, config.data.train_split)
 
 
-def make_loader(config: Any, tokenizer: Tokenizer | None, source: Any) -> EditPairLoader:
+def make_loader(
+    config: Any, tokenizer: Tokenizer | None, source: Any, buckets: BucketPlan | None = None
+) -> EditPairLoader:
     """Batches of `source` (a split or its latent cache, from `Task.train_source`) as
-    `config.data` and `config.batch_size` say."""
+    `config.data` and `config.batch_size` say, of one aspect-ratio bucket each when
+    `buckets` (train.bucketing.bucket_plan) is given."""
     data = config.data
     augmentation = Augmentation(
         crop=data.resolution,
@@ -109,7 +114,7 @@ def make_loader(config: Any, tokenizer: Tokenizer | None, source: Any) -> EditPa
         read_threads=data.read_threads,
         word_dropout=data.word_dropout,
     )
-    return EditPairLoader(source, input_config, tokenizer=tokenizer)
+    return EditPairLoader(source, input_config, tokenizer=tokenizer, buckets=buckets)
 
 
 def train(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False) -> TrainState:
@@ -143,7 +148,8 @@ def run(task: Task, workdir: str | os.PathLike, *, resume: bool = False) -> Trai
     mesh = make_mesh(fsdp_at_hand(config.fsdp) if restoring else config.fsdp)
     trainer = task.build(mesh)
     source = task.train_source(trainer, workdir)
-    loader = make_loader(config, task.tokenizer(trainer), source)
+    plan = bucket_plan(config, trainer, source, workdir)
+    loader = make_loader(config, task.tokenizer(trainer), source, plan)
     batches = iter(loader)
     if restoring:
         state, data_state = checkpoints.restore(trainer.abstract_state())
@@ -157,12 +163,15 @@ def run(task: Task, workdir: str | os.PathLike, *, resume: bool = False) -> Trai
     step = int(state.step)
 
     reporter = Reporter(workdir, config.steps, step, write=primary)
+    programs = None if plan is None else StepPrograms(plan.trained(config.batch_size), reporter)
     stop = StopRequest()
     try:
         window_start, window_steps = time.perf_counter(), 0
         in_flight = None
         while step < config.steps:
             batch = global_batch(next(batches), mesh)
+            if programs is not None:
+                programs.see(batch, step)
             state, metrics = trainer.step(state, batch)
             # At most one step queued behind the running one: the next batch is still made
             # while a step runs, and a SIGTERM is seen a step later, not log_every steps.

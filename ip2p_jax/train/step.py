@@ -28,6 +28,7 @@ from ip2p_jax.runtime.compilation import jit
 from ip2p_jax.runtime.distributed import host_copy
 from ip2p_jax.runtime.profile import BackendProfile, current_profile
 from ip2p_jax.train import sharding
+from ip2p_jax.train.bucketing import check_bucketable
 from ip2p_jax.train.conditioning import (
     TIME_IDS,
     batch_tokenizer,
@@ -247,6 +248,8 @@ def _prepared_models(
     _check_lora(config)
     if config.data.cache_latents:
         check_cacheable(config.data)
+    if config.data.buckets:
+        check_bucketable(config, models)
     # The UNet and text encoder compute in the compute dtype on their float32 master weights;
     # the frozen VAE in float32. Kernel and conv lowering: the profile's, with the config's
     # overrides.

@@ -235,6 +235,8 @@ def make_vae_trainer(config: VAETrainConfig, mesh: Mesh) -> VAETrainer:
             "data.cache_latents=True: a VAE run trains the encoder, so it reads pixels; "
             "set --config.data.cache_latents=False"
         )
+    if config.data.buckets:
+        raise ValueError("data.buckets=True: a VAE run trains on squares; set it to False")
     profile = training_profile(config.runtime)
     optimizer = make_optimizer(config.optim, config.steps)
     return VAETrainer(config, load_vae(config, profile), mesh, optimizer, profile)

@@ -15,7 +15,7 @@ from ip2p_jax.data.loader import EditPairLoader, InputConfig, resume_position
 from ip2p_jax.data.schema import make_example
 from ip2p_jax.models.tokenizer import CLIPTokenizer
 from ip2p_jax.pipelines.images import decode_png, encode_png
-from tests.data.conftest import random_pair
+from tests.data.conftest import assert_same_batches, global_batches, random_pair
 
 SMALL = Augmentation(crop=32, min_resize=32, max_resize=44, flip_prob=0.5)
 
@@ -86,33 +86,19 @@ def test_process_shards_are_disjoint_and_cover_the_data(pairs_dataset):
 
 
 def _global_batches(dataset, processes: int, count: int, states=None, **config):
-    """`count` global batches of `processes` loaders (their blocks concatenated in process
-    order, as the global array holds them), and each process's state after them."""
-    iterators = []
-    for index in range(processes):
-        batches = iter(_loader(dataset, shard=(index, processes), batch_size=12, **config))
-        if states is not None:
-            batches.set_state(resume_position(states, index, processes, 12 // processes))
-        iterators.append(batches)
-    out = []
-    for _ in range(count):
-        blocks = [next(batches) for batches in iterators]
-        out.append({k: np.concatenate([b[k] for b in blocks]) for k in ("key", "input_image")})
-    return out, [batches.get_state() for batches in iterators]
+    """`count` global batches of `processes` loaders of 12 (conftest.global_batches)."""
 
+    def loader(index: int, processes: int) -> EditPairLoader:
+        return _loader(dataset, shard=(index, processes), batch_size=12, **config)
 
-def _assert_same_batches(first: list[dict], second: list[dict]) -> None:
-    assert len(first) == len(second)
-    for a, b in zip(first, second, strict=True):
-        assert a["key"].tolist() == b["key"].tolist()
-        assert np.array_equal(a["input_image"], b["input_image"])  # the same augmentation
+    return global_batches(loader, processes, count, 12, states)
 
 
 @pytest.mark.parametrize("processes", [2, 3])
 def test_global_batches_are_the_same_on_any_process_count(pairs_dataset, processes):
     one, _ = _global_batches(pairs_dataset, 1, 7)
     many, _ = _global_batches(pairs_dataset, processes, 7)
-    _assert_same_batches(one, many)
+    assert_same_batches(one, many)
 
 
 @pytest.mark.parametrize(("saved", "resumed"), [(2, 1), (1, 3), (3, 2)])
@@ -120,7 +106,7 @@ def test_resume_on_another_process_count_continues_the_same_batches(pairs_datase
     whole, _ = _global_batches(pairs_dataset, 1, 8)
     _, states = _global_batches(pairs_dataset, saved, 5)
     rest, after = _global_batches(pairs_dataset, resumed, 3, states=states)
-    _assert_same_batches(whole[5:], rest)
+    assert_same_batches(whole[5:], rest)
     assert [state["batches"] for state in after] == [8] * resumed
 
 
@@ -152,7 +138,7 @@ def test_a_checkpoint_of_the_grain_era_resumes(pairs_dataset):
         resumed = iter(_loader(pairs_dataset))
         resumed.set_state(legacy)
         assert resumed.consumed == 20
-        _assert_same_batches(whole[5:], [next(resumed), next(resumed)])
+        assert_same_batches(whole[5:], [next(resumed), next(resumed)])
 
 
 def test_augmentation_is_the_same_on_both_images(pairs_dataset):

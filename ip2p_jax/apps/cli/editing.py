@@ -79,11 +79,23 @@ def _edit(args: argparse.Namespace) -> int:
         jobs,
         batch_size=args.batch_size,
         resume=args.manifest is not None,
+        buckets=_buckets(args, pipe),
         **_sampling_options(args),
     )
     target = args.out_dir if args.manifest is not None else args.out
     print(f"wrote {edited} edit(s) to {target}" + (f", skipped {skipped} done" if skipped else ""))
     return 0
+
+
+def _buckets(args: argparse.Namespace, pipe) -> tuple | None:
+    """The model's aspect-ratio buckets at --bucket-area pixels (default --resolution
+    squared), sides multiples of its size factor; None without --buckets."""
+    from ip2p_jax.data.buckets import bucket_list, size_multiple
+
+    if not (args.buckets or args.bucket_area):
+        return None
+    area = args.bucket_area or args.resolution**2
+    return bucket_list(area, size_multiple(pipe.unet.config, pipe.vae.config))
 
 
 def _grid(args: argparse.Namespace) -> int:
@@ -143,6 +155,15 @@ def _add_edit_parser(commands) -> None:
     edit.add_argument("--manifest", type=Path, help="JSON lines: image, instruction, ...")
     edit.add_argument("--out-dir", type=Path, help="output folder for --manifest")
     edit.add_argument("--batch-size", type=int, default=4)
+    edit.add_argument(
+        "--buckets",
+        action="store_true",
+        help="edit each image at its nearest aspect-ratio bucket (about --resolution squared "
+        "pixels, sides multiples of the model's factor), batched by bucket: one compile each",
+    )
+    edit.add_argument(
+        "--bucket-area", type=int, help="the buckets' pixel budget (implies --buckets)"
+    )
     add_precision_arguments(edit)
     add_scale_arguments(edit)
     edit.set_defaults(run=_edit)
