@@ -41,7 +41,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # a module to a worker, so module fixtures and the programs they compile are built once.
 HEAVY_GROUPS = (
     "sd15",
-    "tests/train/test_multihost.py",
     "train runs",
     "tests/train/test_config_and_models.py",
     "tests/train/test_grow.py",
@@ -63,6 +62,7 @@ SHARED_GROUPS = {
     "tests/train/test_train.py": "train runs",
     "tests/train/test_latent_cache.py": "train runs",
     "tests/train/test_snapshot.py": "train runs",
+    "tests/train/test_multihost.py": "train runs",
 }
 
 

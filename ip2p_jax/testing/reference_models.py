@@ -176,11 +176,15 @@ def random_unet(config: dict, seed: int = 0):
     rng = np.random.default_rng(seed)
     with torch.no_grad():
         for name, param in unet.named_parameters():
-            values = torch.from_numpy(rng.random(param.shape, dtype=np.float32))
+            values = param.numpy()  # the tensor's memory: drawn into, shifted and scaled in place
+            rng.random(dtype=np.float32, out=values)
             if param.ndim > 1:
-                param.copy_(values).sub_(0.5).mul_(2 * param[0].numel() ** -0.5)
+                values -= 0.5
+                values *= 2 * param[0].numel() ** -0.5
             else:
-                param.copy_(values).sub_(0.5).mul_(0.2).add_(1.0 if name.endswith("weight") else 0)
+                values -= 0.5
+                values *= 0.2
+                values += 1.0 if name.endswith("weight") else 0.0
     return unet
 
 
