@@ -38,6 +38,9 @@ def _export(args: argparse.Namespace) -> int:
     if args.lora:
         from ip2p_jax.train.snapshot import export_run_lora
 
+        if args.dtype:
+            raise SystemExit("--dtype casts a model folder's weights; a LoRA file is float32")
+
         out = export_run_lora(
             args.checkpoint, args.out, step=args.step, raw_weights=args.raw_weights
         )
