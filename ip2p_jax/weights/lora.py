@@ -264,14 +264,11 @@ def write_lora(
     tensors, metadata = {}, {}
     for component, tree in adapters.items():
         prefix = f"{component}.{COMPONENTS[component].torch_prefix}"
-        state = lora_state_dict(tree, prefix)
-        tensors.update(state)
+        tensors.update(lora_state_dict(tree, prefix))
         # Without the model's prefix: PEFT matches a target as a name's last parts, so these
         # name the modules in transformers 4's CLIPTextModel (text_model.encoder...) and in
         # 5's, which has no text_model and whose keys diffusers loads without it.
-        modules = sorted(
-            {key[len(prefix) : -len(".lora_A.weight")] for key in state if "lora_A" in key}
-        )
+        modules = sorted(module_name((*module, "kernel")) for module in adapter_pairs(tree))
         metadata.update(
             {
                 f"{component}.r": rank,
