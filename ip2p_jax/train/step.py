@@ -305,6 +305,10 @@ def _check_lora(config: TrainConfig) -> None:
     lora = config.lora
     if lora.rank < 0 or (lora.rank and lora.alpha < 0):
         raise ValueError(f"lora.rank {lora.rank} and lora.alpha {lora.alpha} must be >= 0")
+    if lora.rank and not component_targets(lora):
+        raise ValueError(
+            "lora.rank is set, and lora.targets and lora.text_encoder_targets are empty"
+        )
     if lora.rank and config.model.train_text_encoder:
         raise ValueError(
             "lora.rank trains adapters on a frozen model, and model.train_text_encoder the "

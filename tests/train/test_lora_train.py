@@ -144,6 +144,12 @@ def test_export_lora_writes_a_saved_step(lora_run, tmp_path, capsys):
     assert "exists; pass --overwrite" in capsys.readouterr().err
 
 
+def _arrays(path) -> dict[str, np.ndarray]:
+    from ip2p_jax.weights.safetensors_io import iter_safetensors
+
+    return dict(iter_safetensors(path))
+
+
 def _tensors(path) -> dict[str, float]:
     """Each tensor's sum (a fingerprint that pytest.approx compares)."""
     return {key: float(np.asarray(value, np.float64).sum()) for key, value in _arrays(path).items()}
@@ -170,6 +176,7 @@ def test_lora_settings_are_checked_before_any_compile(shapes32, tiny_folder, tmp
 
     bad = [
         ({"lora": LoraConfig(rank=4, targets="no_such_module")}, "match no unet module"),
+        ({"lora": LoraConfig(rank=4, targets="")}, "lora.targets and lora.text_encoder_targets"),
         (
             {"model": ModelConfig(init_from=str(tiny_folder), train_text_encoder=True)},
             "lora.text_encoder_targets",
@@ -183,9 +190,3 @@ def test_lora_settings_are_checked_before_any_compile(shapes32, tiny_folder, tmp
     (full / "config.json").write_text(json.dumps(dataclasses.asdict(TrainConfig())))
     assert main(["export", "--lora", str(full), str(tmp_path / "x.safetensors")]) != 0
     assert "no LoRA adapters" in capsys.readouterr().err
-
-
-def _arrays(path) -> dict[str, np.ndarray]:
-    from ip2p_jax.weights.safetensors_io import iter_safetensors
-
-    return dict(iter_safetensors(path))
